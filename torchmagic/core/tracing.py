@@ -1,0 +1,176 @@
+"""Follow module calls during a forward: which module runs, with which inputs and outputs.
+
+Uses torch's *global* module hooks (``register_module_forward_pre_hook`` / ``..._forward_hook``), which
+leave every module's own hook dictionaries untouched and are removed on every exit path. The stack
+of running modules tells, when a forward fails, which module failed (the innermost one whose
+forward had begun and not ended) and what it received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+
+def tensor_shapes(obj: Any) -> list[tuple[int, ...]]:
+    """Shapes of every tensor found in a nested structure (tuple/list/dict/dataclass-like)."""
+    leaves, _ = tree_flatten(obj)
+    return [tuple(int(s) if not isinstance(s, torch.SymInt) else s for s in t.shape)
+            for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def format_shape(shape: tuple[Any, ...]) -> str:
+    """``(8, 3, 32, 32)``; a scalar is ``()``."""
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def format_shapes(shapes: list[tuple[Any, ...]]) -> str:
+    """One shape as ``(8, 10)``, several as ``(8, 10), (8,)``, none as ``-``."""
+    if not shapes:
+        return "-"
+    return ", ".join(format_shape(s) for s in shapes)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested structure (each distinct tensor once)."""
+    leaves, _ = tree_flatten(obj)
+    seen: set[int] = set()
+    total = 0
+    for t in leaves:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class ModuleCall:
+    """One call of one module."""
+
+    path: str                      # qualified name in the traced root ("" for the root)
+    cls: str                       # class name
+    depth: int                     # nesting depth of the call (root = 0)
+    index: int                     # order in which calls started
+    parent: int | None             # index of the enclosing call
+    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    output_shapes: list[tuple[int, ...]] | None = None  # None while running / on failure
+    output_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # per-tool data (e.g. flops)
+
+    @property
+    def finished(self) -> bool:
+        return self.output_shapes is not None
+
+
+class ModuleTracer:
+    """Records module calls under ``root`` while active (see :func:`trace_modules`).
+
+    ``names`` maps module ids to their qualified names in ``root`` (modules outside ``root`` are named
+    by class). ``stack`` is the list of running call indices; ``calls`` every call in start order.
+    ``on_enter``/``on_exit`` callbacks (``fn(call)``) let tools attach per-call data.
+    """
+
+    def __init__(self, roots: dict[str, nn.Module] | nn.Module | None = None) -> None:
+        self.names: dict[int, str] = {}
+        if isinstance(roots, nn.Module):
+            roots = {"": roots}
+        for prefix, root in (roots or {}).items():
+            for name, mod in root.named_modules(remove_duplicate=False):
+                full = ".".join(p for p in (prefix, name) if p)
+                self.names.setdefault(id(mod), full)
+        self.calls: list[ModuleCall] = []
+        self.stack: list[int] = []
+        self.on_enter: list[Any] = []
+        self.on_exit: list[Any] = []
+        self._modules: dict[int, weakref.ref[nn.Module]] = {}
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None):
+        name = self.names.get(id(module))
+        if name is None:
+            name = type(module).__name__
+        call = ModuleCall(
+            path=name,
+            cls=type(module).__name__,
+            depth=len(self.stack),
+            index=len(self.calls),
+            parent=self.stack[-1] if self.stack else None,
+            input_shapes=tensor_shapes((args, kwargs or {})),
+        )
+        self.calls.append(call)
+        self.stack.append(call.index)
+        self._modules[call.index] = weakref.ref(module)
+        for fn in self.on_enter:
+            fn(call)
+        return None
+
+    def _post(self, module: nn.Module, args: Any, *rest: Any):
+        output = rest[-1]
+        # Pop up to (and including) the call of this module: calls under it that raised and were
+        # caught inside this module's forward never got their post hook.
+        while self.stack:
+            idx = self.stack.pop()
+            ref = self._modules.get(idx)
+            if ref is not None and ref() is module:
+                call = self.calls[idx]
+                call.output_shapes = tensor_shapes(output)
+                call.output_bytes = tensor_bytes(output)
+                for fn in self.on_exit:
+                    fn(call)
+                break
+        return None
+
+    # -- failure -------------------------------------------------------------------------------
+    @property
+    def failing_call(self) -> ModuleCall | None:
+        """The innermost module call still running (after an exception: the one that failed)."""
+        return self.calls[self.stack[-1]] if self.stack else None
+
+    def module_of(self, call: ModuleCall) -> nn.Module | None:
+        ref = self._modules.get(call.index)
+        return ref() if ref is not None else None
+
+
+def describe_failure(call: ModuleCall | None, exc: BaseException, module: nn.Module | None = None) -> str:
+    """``blocks.0.attn (Attention, ...): got input (8, 2048); <torch's message>`` in one line."""
+    msg = " ".join(str(exc).strip().split("\n")[0].split()) or type(exc).__name__
+    if call is None:
+        return msg
+    extra = ""
+    if module is not None:
+        try:
+            er = module.extra_repr()
+        except Exception:  # noqa: BLE001 - a user's extra_repr may fail; it is decoration only
+            er = ""
+        if er and len(er) <= 60:
+            extra = ", " + er
+    name = call.path or "<root>"
+    return f"{name} ({call.cls}{extra}): got input {format_shapes(call.input_shapes)}; {msg}"
+
+
+@contextlib.contextmanager
+def trace_modules(tracer: ModuleTracer) -> Iterator[ModuleTracer]:
+    """Install ``tracer``'s global hooks for the duration of the block; always removed."""
+    from torch.nn.modules.module import (
+        register_module_forward_hook,
+        register_module_forward_pre_hook,
+    )
+
+    h1 = register_module_forward_pre_hook(tracer._pre)
+    try:
+        h2 = register_module_forward_hook(tracer._post)
+    except BaseException:
+        h1.remove()
+        raise
+    try:
+        yield tracer
+    finally:
+        h1.remove()
+        h2.remove()

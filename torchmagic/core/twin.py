@@ -1,0 +1,72 @@
+"""Twins of user objects, so torchmagic never mutates what the user owns.
+
+``meta_twin(model)`` is a structural copy whose parameters and buffers live on the meta device: no
+weight is read or copied (about 1 ms), tied parameters stay tied (the deepcopy memo maps each tensor
+once), hooks and training flags are copied with the module. ``model.to("meta")`` would instead
+destroy the user's weights in place.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+def meta_tensor(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised meta tensor with ``t``'s shape, dtype, strides and ``requires_grad``."""
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="meta")
+    if t.requires_grad and t.is_floating_point():
+        out.requires_grad_(True)
+    return out
+
+
+def tensor_memo(model: nn.Module, convert: Any = meta_tensor) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo that maps each parameter/buffer of ``model`` to ``convert(t)``.
+
+    Gradients are not copied: the twin's parameters have ``.grad is None``.
+    """
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in memo:
+            memo[id(t)] = convert(t)
+    return memo
+
+
+def twin(model: nn.Module, convert: Any = meta_tensor) -> nn.Module:
+    """Deep copy of ``model`` whose tensors are ``convert(t)`` (tying preserved)."""
+    memo = tensor_memo(model, convert)
+    return copy.deepcopy(model, memo)
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A meta-device copy of ``model``: same structure, flags and hooks; no memory; user untouched."""
+    return twin(model, meta_tensor)
+
+
+def device_twin(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """A copy of ``model`` on ``device`` (real weights copied; the user's model is not moved)."""
+    device = torch.device(device)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            moved = t.detach().to(device, copy=True)
+        if isinstance(t, nn.Parameter):
+            return nn.Parameter(moved, requires_grad=t.requires_grad)
+        return moved
+
+    return twin(model, convert)
+
+
+def model_devices(model: nn.Module) -> set[torch.device]:
+    """Devices holding the parameters and buffers of ``model``."""
+    return {t.device for t in [*model.parameters(), *model.buffers()]}
+
+
+def is_meta_model(model: nn.Module) -> bool:
+    """True when any parameter or buffer of ``model`` is on the meta device."""
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])

@@ -1,0 +1,62 @@
+"""Numbers formatted for people: 124.4 M, 16.1 GFLOPs, 1.2 GiB (exact values go in titles)."""
+
+from __future__ import annotations
+
+import html as _html
+
+
+def human_count(n: float | int | None, digits: int = 1) -> str:
+    """``124439808 -> '124.4 M'``; small numbers are shown whole (``'9,536'``)."""
+    if n is None:
+        return "-"
+    n = float(n)
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n < 10_000:
+        return f"{sign}{int(n):,}" if n == int(n) else f"{sign}{n:.{digits}f}"
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{sign}{n / scale:.{digits}f} {unit}"
+    return f"{sign}{n:.0f}"
+
+
+def human_flops(n: float | int | None, unit: str = "FLOPs") -> str:
+    """``16.1 GFLOPs``, ``3.2 MFLOPs``, ``0 FLOPs``."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {prefix}{unit}"
+    return f"{int(n)} {unit}"
+
+
+def human_bytes(n: float | int | None) -> str:
+    """Binary units: ``1.2 GiB``, ``512.0 KiB``, ``12 B``."""
+    if n is None:
+        return "-"
+    n = float(n)
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{sign}{n / scale:.1f} {unit}"
+    return f"{sign}{int(n)} B"
+
+
+def exact(n: float | int | None) -> str:
+    """Exact value with thousands separators, for titles/hover."""
+    if n is None:
+        return ""
+    return f"{int(n):,}" if float(n) == int(n) else f"{n:,}"
+
+
+def esc(s: object) -> str:
+    """HTML-escape any value."""
+    return _html.escape(str(s), quote=True)
+
+
+def percent(part: float, whole: float) -> str:
+    if not whole:
+        return "-"
+    return f"{100.0 * part / whole:.1f}%"

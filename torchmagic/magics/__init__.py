@@ -1,0 +1,58 @@
+"""IPython magics of torchmagic: one module per group; each defines ``MAGICS`` (its classes).
+
+Modules are discovered in this package (names not starting with ``_``), so adding a magic group is
+adding a module. Loading registers one instance of each class and the ``TorchMagic`` configurable;
+unloading closes each instance (callbacks removed) and removes its magics. Loading twice never
+registers anything twice.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+_STATE_ATTR = "_torchmagic_state"
+
+
+def magic_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def load(shell: Any) -> None:
+    from torchmagic import display
+    from torchmagic.magics._base import TorchMagic
+
+    if getattr(shell, _STATE_ATTR, None) is not None:
+        unload(shell)  # a second load replaces the first: never doubles magics or callbacks
+    cfg = TorchMagic(parent=shell)
+    display.set_mode(cfg.display)
+    instances = []
+    for name in magic_modules():
+        module = importlib.import_module(f"{__name__}.{name}")
+        for cls in getattr(module, "MAGICS", ()):
+            inst = cls(shell, cfg)
+            shell.register_magics(inst)
+            instances.append(inst)
+    shell.configurables.append(cfg)
+    setattr(shell, _STATE_ATTR, {"cfg": cfg, "instances": instances})
+
+
+def unload(shell: Any) -> None:
+    state = getattr(shell, _STATE_ATTR, None)
+    if state is None:
+        return
+    setattr(shell, _STATE_ATTR, None)
+    manager = shell.magics_manager
+    for inst in state["instances"]:
+        try:
+            inst.close()
+        finally:
+            for kind, table in inst.magics.items():
+                for name in table:
+                    registered = manager.magics[kind].get(name)
+                    if getattr(registered, "__self__", None) is inst:
+                        del manager.magics[kind][name]
+            manager.registry.pop(type(inst).__name__, None)
+    if state["cfg"] in shell.configurables:
+        shell.configurables.remove(state["cfg"])

@@ -1,0 +1,163 @@
+"""Shared plumbing of the magics: configuration, argument parsing, evaluation, errors, display.
+
+Every magic is: parse the line -> call a core function -> display the result object. Errors the user
+can act on become ``UsageError`` (IPython prints one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+from collections.abc import Iterator
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics
+from traitlets import Enum, Int, observe
+from traitlets.config import Configurable
+
+from torchmagic.core.errors import ForwardError, TorchMagicError
+
+
+class TorchMagic(Configurable):
+    """Settings of the torchmagic extension: ``%config TorchMagic.display = "html"``."""
+
+    display = Enum(
+        ["auto", "widget", "html", "text"],
+        default_value="auto",
+        help="How results are shown: auto (widget in a notebook with widgets, text in a terminal), "
+        "widget, html or text.",
+    ).tag(config=True)
+    depth = Int(3, help="Default --depth of %summary, %params and %%meta_shape.").tag(config=True)
+
+    @observe("display")
+    def _display_changed(self, change: dict[str, Any]) -> None:
+        from torchmagic import display
+
+        display.set_mode(change["new"])
+
+
+# -- argument splitting ------------------------------------------------------------------------
+_OPEN = "([{"
+_CLOSE = ")]}"
+
+
+def split_args(line: str) -> list[str]:
+    """Split a magic's line on whitespace outside brackets and quotes.
+
+    ``"model (1, 3, 32, 32) --depth 2"`` -> ``["model", "(1, 3, 32, 32)", "--depth", "2"]``.
+    Quotes are kept inside bracketed tokens (they are Python) and removed around plain tokens.
+    Raises ``UsageError`` for unbalanced brackets or quotes.
+    """
+    tokens: list[str] = []
+    buf: list[str] = []
+    depth = 0
+    quote: str | None = None
+    for ch in line:
+        if quote:
+            buf.append(ch)
+            if ch == quote:
+                quote = None
+            continue
+        if ch in "'\"":
+            quote = ch
+            buf.append(ch)
+        elif ch in _OPEN:
+            depth += 1
+            buf.append(ch)
+        elif ch in _CLOSE:
+            depth -= 1
+            if depth < 0:
+                raise UsageError(f"unbalanced {ch!r} in: {line.strip()}")
+            buf.append(ch)
+        elif ch.isspace() and depth == 0:
+            if buf:
+                tokens.append("".join(buf))
+                buf = []
+        else:
+            buf.append(ch)
+    if quote:
+        raise UsageError(f"unclosed quote {quote} in: {line.strip()}")
+    if depth:
+        raise UsageError(f"unclosed bracket in: {line.strip()} (e.g. write (1,3,32,32))")
+    if buf:
+        tokens.append("".join(buf))
+    out = []
+    for tok in tokens:
+        if tok[0] in "'\"" and tok[-1] == tok[0] and len(tok) >= 2:
+            out.append(shlex.split(tok)[0])
+        else:
+            out.append(tok)
+    return out
+
+
+def parse(magic_func: Any, line: str) -> Any:
+    """Parse ``line`` with the ``magic_arguments`` parser of ``magic_func`` (bracket-aware split)."""
+    tokens = split_args(line)
+    parser = magic_func.parser
+    try:
+        return parser.parse_args(tokens)
+    except SystemExit as exc:  # -h/--help printed the usage; nothing more to do
+        raise UsageError(f"{parser.prog}: see the usage above") from exc
+
+
+# -- errors ------------------------------------------------------------------------------------
+def one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+@contextlib.contextmanager
+def user_errors(prefix: str) -> Iterator[None]:
+    """Turn torchmagic's user-facing errors into one-line ``UsageError``s: ``%summary: ...``."""
+    try:
+        yield
+    except TorchMagicError as exc:
+        raise UsageError(f"{prefix}: {one_line(str(exc))}") from None
+    except ForwardError as exc:
+        raise UsageError(f"{prefix}: {one_line(str(exc))}") from None
+
+
+# -- base class --------------------------------------------------------------------------------
+class TorchMagics(Magics):
+    """Base of torchmagic's ``Magics`` classes.
+
+    ``cfg`` is the shared :class:`TorchMagic` configurable. ``close()`` is called when the extension
+    is unloaded: subclasses that register callbacks remove them there.
+    """
+
+    def __init__(self, shell: Any, cfg: TorchMagic) -> None:
+        super().__init__(shell)
+        self.cfg = cfg
+
+    # evaluation in the user's namespace
+    def evaluate(self, expr: str, what: str = "expression") -> Any:
+        """Evaluate ``expr`` in the user namespace; a failure is one line naming the expression."""
+        try:
+            return eval(expr, self.shell.user_global_ns, self.shell.user_ns)  # noqa: S307
+        except NameError as exc:
+            raise TorchMagicError(f"{exc} (the {what} must be a name or expression defined "
+                                  "in the notebook)") from None
+        except SyntaxError as exc:
+            raise TorchMagicError(f"{what} {expr!r} is not valid Python ({exc.msg})") from None
+        except Exception as exc:  # the user's expression raised
+            raise TorchMagicError(f"evaluating {what} {expr!r} raised "
+                                  f"{type(exc).__name__}: {one_line(str(exc))}") from None
+
+    def transform(self, cell: str) -> str:
+        """IPython's own cell transformation (``%magics``, ``!shell``, ``?``) of a cell body."""
+        return self.shell.transform_cell(cell)
+
+    def store(self, name: str | None, value: Any) -> None:
+        """``-o NAME``: put a result in the user namespace (like ``%timeit -o``)."""
+        if name:
+            if not name.isidentifier():
+                raise TorchMagicError(f"-o needs a variable name; got {name!r}")
+            self.shell.user_ns[name] = value
+
+    def show(self, result: Any) -> None:
+        from torchmagic.display import show
+
+        show(result)
+
+    def close(self) -> None:
+        """Remove callbacks and state; called by ``unload_ipython_extension``."""
