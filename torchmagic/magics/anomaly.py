@@ -1,0 +1,73 @@
+"""``%%detect_anomaly``: run a cell and say where its first NaN/Inf was born, forward and backward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from torchmagic.magics._base import TorchMagics, one_line, parse, user_errors
+
+
+@magics_class
+class AnomalyMagics(TorchMagics):
+    """The ``%%detect_anomaly`` cell magic."""
+
+    @magic_arguments()
+    @argument("--no-forward", action="store_true",
+              help="Do not check forward ops (only anomaly mode in backward).")
+    @argument("--no-backward", action="store_true",
+              help="Do not turn on autograd anomaly mode nor check backward ops.")
+    @argument("--first", type=int, default=1, metavar="N",
+              help="List the first N ops where NaN/Inf was born (default 1: the origin).")
+    @cell_magic
+    def detect_anomaly(self, line: str, cell: str) -> Any:
+        """Run the cell; report the first op that produced NaN/Inf (op, module, cell line) and the
+        autograd node that produced NaN/Inf gradients (with the forward line that created it).
+
+        The cell runs for real in the notebook's namespace (its assignments stay); the value of its
+        last expression is shown as usual. A clean run prints one line. If the cell raises for
+        another reason, the report is shown and the exception re-raised unchanged. Anomaly mode,
+        warnings filters and every hook the check installs are restored afterwards.
+
+        Usage: ``%%detect_anomaly [--no-forward] [--no-backward] [--first N]``
+        """
+        from torchmagic.core.anomaly import AnomalyDetector
+        from torchmagic.core.execution import compile_cell, run_compiled
+
+        args = parse(self.detect_anomaly, line)
+        if args.first < 1:
+            raise UsageError(f"%%detect_anomaly: --first must be 1 or more; got {args.first}")
+        if not cell.strip():
+            raise UsageError("%%detect_anomaly: the cell is empty; put the code to check below "
+                             "the magic line")
+        source = self.transform(cell)
+        try:
+            compiled = compile_cell(source, "detect_anomaly")
+        except SyntaxError as exc:
+            raise UsageError(f"%%detect_anomaly: the cell is not valid Python (line {exc.lineno}: "
+                             f"{one_line(exc.msg)})") from None
+        ns = self.shell.user_ns
+        with user_errors("%%detect_anomaly"):
+            detector = AnomalyDetector(ns, cell_filename=compiled.filename,
+                                       forward=not args.no_forward, backward=not args.no_backward,
+                                       first=args.first)
+        value = None
+        error: BaseException | None = None
+        try:
+            with detector:
+                value = run_compiled(compiled, ns)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the user's own error: report first, then re-raise it
+            error = exc
+        if detector.report is not None:
+            self.show(detector.report)
+        if error is not None:
+            raise error
+        return value
+
+
+MAGICS = [AnomalyMagics]
