@@ -25,7 +25,7 @@ fi
 
 case "$cmd" in
   tour)
-    exec "$VENV/bin/ipython" --no-banner --colors=nocolor examples/tour.ipy
+    exec "$VENV/bin/python" examples/tour.py
     ;;
   test)
     # The browser test drives Debian's Chromium (never a downloaded browser).

@@ -1,0 +1,59 @@
+"""The tour of every magic, run in terminal IPython (``bash scripts/dev.sh tour``).
+
+Reads ``examples/tour.ipy``: cells separated by lines starting with ``# %%``; a marker line
+``# %% expect-error`` says the cell is meant to fail (it shows a one-line error). Each cell is run
+by a real ``TerminalInteractiveShell`` and echoed as ``In [n]:`` with its output, as if typed.
+Exits non-zero if an unexpected cell fails, so the tour doubles as a smoke test.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def cells(text: str) -> list[tuple[str, bool]]:
+    out: list[tuple[str, bool]] = []
+    cur: list[str] = []
+    expect_error = False
+    for line in text.splitlines():
+        if line.startswith("# %%"):
+            if "".join(cur).strip():
+                out.append(("\n".join(cur).strip("\n"), expect_error))
+            cur, expect_error = [], "expect-error" in line
+        else:
+            cur.append(line)
+    if "".join(cur).strip():
+        out.append(("\n".join(cur).strip("\n"), expect_error))
+    return out
+
+
+def main(path: Path = HERE / "tour.ipy") -> int:
+    from IPython.terminal.interactiveshell import TerminalInteractiveShell
+
+    shell = TerminalInteractiveShell.instance(colors="nocolor")
+    failures = []
+    for n, (src, expect_error) in enumerate(cells(path.read_text()), start=1):
+        lines = src.splitlines()
+        print(f"\nIn [{n}]: {lines[0]}")
+        for line in lines[1:]:
+            print(f"   ...: {line}")
+        sys.stdout.flush()
+        result = shell.run_cell(src, store_history=True)
+        sys.stdout.flush()
+        if not result.success and not expect_error:
+            failures.append(n)
+        if result.success and expect_error:
+            failures.append(n)
+            print(f"[tour] cell {n} was expected to fail and did not")
+    if failures:
+        print(f"\n[tour] unexpected result in cells {failures}", file=sys.stderr)
+        return 1
+    print("\n[tour] every cell ran as expected")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "tour.ipy"))
