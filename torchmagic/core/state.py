@@ -42,6 +42,11 @@ class GlobalState:
     rng: torch.Tensor
     cuda_rng: list[torch.Tensor] | None
     function_modes: list[Any]
+    # torch.set_default_device's bookkeeping (torch._GLOBAL_DEVICE_CONTEXT.device_context and
+    # torch.utils._device.CURRENT_DEVICE): restoring the mode stack alone leaves a stale context
+    # there, and the user's next set_default_device(None) would then leave meta as the default.
+    device_context: Any = None
+    current_device: Any = None
 
     @classmethod
     def capture(cls) -> GlobalState:
@@ -61,6 +66,8 @@ class GlobalState:
             rng=torch.get_rng_state(),
             cuda_rng=cuda_rng,
             function_modes=_mode_stack(),
+            device_context=getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", _UNSET),
+            current_device=_current_device(),
         )
 
     def restore(self) -> None:
@@ -76,6 +83,7 @@ class GlobalState:
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
         _restore_mode_stack(self.function_modes)
+        _restore_device_context(self.device_context, self.current_device)
 
     def diff(self, other: GlobalState) -> list[str]:
         """Names of the settings that differ between two snapshots (for tests and checks)."""
@@ -93,7 +101,33 @@ class GlobalState:
             out.append("cuda_rng")
         if [id(m) for m in self.function_modes] != [id(m) for m in other.function_modes]:
             out.append("function_modes (default device)")
+        if self.device_context is not other.device_context or \
+                self.current_device != other.current_device:
+            out.append("set_default_device context")
         return out
+
+
+_UNSET = object()
+
+
+def _current_device() -> Any:
+    import torch.utils._device as _device
+
+    return getattr(_device, "CURRENT_DEVICE", None)
+
+
+def _restore_device_context(context: Any, current: Any) -> None:
+    """Put back ``set_default_device``'s global context object and ``CURRENT_DEVICE``."""
+    import torch.utils._device as _device
+
+    holder = torch._GLOBAL_DEVICE_CONTEXT
+    if context is _UNSET:
+        if hasattr(holder, "device_context"):
+            del holder.device_context
+    else:
+        holder.device_context = context
+    if hasattr(_device, "CURRENT_DEVICE"):
+        _device.CURRENT_DEVICE = current
 
 
 def _restore_mode_stack(saved: list[Any]) -> None:

@@ -70,3 +70,18 @@ def model_devices(model: nn.Module) -> set[torch.device]:
 def is_meta_model(model: nn.Module) -> bool:
     """True when any parameter or buffer of ``model`` is on the meta device."""
     return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def fake_tensor(t: torch.Tensor, mode: Any) -> torch.Tensor:
+    """A FakeTensor of ``t`` made by ``mode.from_tensor`` (a ``FakeTensorMode``): same shape, dtype,
+    device and ``requires_grad``, no data; Parameters stay Parameters. ``t`` is not touched."""
+    fake = mode.from_tensor(t)
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(fake, requires_grad=t.requires_grad)
+    return fake
+
+
+def fake_twin(model: nn.Module, mode: Any) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are fake tensors of ``mode`` (tying kept):
+    run it inside ``with mode:`` without ``allow_non_fake_inputs``."""
+    return twin(model, lambda t: fake_tensor(t, mode))
