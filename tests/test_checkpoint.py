@@ -1,0 +1,468 @@
+"""%checkpoint save / load: atomic writes, safe loads, key diffs, state invariants."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import requires_cuda, run
+from IPython.core.error import UsageError
+from statecheck import Snapshot
+
+from torchmagic.core.checkpoint import (
+    CheckpointMismatch,
+    LoadReport,
+    SaveReport,
+    load_checkpoint,
+    save_checkpoint,
+)
+from torchmagic.core.errors import TorchMagicError
+from torchmagic.models import GPT
+
+
+def small() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def other() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def same_values(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def usage_error(ip, line: str) -> str:
+    with pytest.raises(UsageError) as info:
+        run(ip, line)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith("%checkpoint: "), msg
+    return msg
+
+
+class Evil:
+    """A pickle payload: unpickling it calls ``open(marker, "w")``, creating the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# -- save ----------------------------------------------------------------------------------------
+def test_save_load_roundtrip_magic(ip, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    src, dst = small(), other()
+    opt_src = torch.optim.Adam(src.parameters(), lr=1e-3)
+    src(torch.randn(5, 4)).sum().backward()
+    opt_src.step()
+    opt_dst = torch.optim.Adam(dst.parameters(), lr=1e-3)
+    ip.user_ns.update(src=src, dst=dst, opt_src=opt_src, opt_dst=opt_dst, step=123)
+    _, shown = run(ip, f"checkpoint save src {path} --optimizer opt_src --extra epoch=3 "
+                       "step=step note='warm' -o rep")
+    rep = ip.user_ns["rep"]
+    assert isinstance(rep, SaveReport)
+    # Independent references: the file on disk, the model's own state dict and optimizer state.
+    assert rep.file_bytes == os.path.getsize(path)
+    opt_tensors = sum(isinstance(v, torch.Tensor) for s in opt_src.state.values()
+                      for v in s.values())
+    assert rep.tensors == len(src.state_dict()) + opt_tensors
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"model", "optimizer", "epoch", "step", "note"}
+    assert raw["epoch"] == 3 and raw["step"] == 123 and raw["note"] == "warm"
+    assert "Saved src (Sequential)" in shown and f"{rep.tensors} tensors" in shown
+    assert not [p for p in tmp_path.iterdir() if p.name != "ckpt.pt"]  # no temp file left
+
+    _, shown = run(ip, f"checkpoint load dst {path} --optimizer opt_dst -o lrep")
+    lrep = ip.user_ns["lrep"]
+    assert lrep.status == "loaded" and lrep.loaded == len(dst.state_dict())
+    assert same_values(src, dst)
+    for p_src, p_dst in zip(src.parameters(), dst.parameters()):
+        for k, v in opt_src.state[p_src].items():
+            assert torch.equal(v, opt_dst.state[p_dst][k])
+    assert lrep.extras == {"epoch": 3, "step": 123, "note": "warm"}
+    assert "model is on  cpu" in shown and "optimizer    state loaded into Adam" in shown
+    assert all(len(line) <= 100 for line in shown.splitlines())
+    json.dumps(lrep.to_dict())
+    json.dumps(rep.to_dict())
+
+
+def test_bare_state_dict_and_plain_python(tmp_path):
+    """No IPython: the core functions; a file without extras is a bare state dict."""
+    path = tmp_path / "m.pt"
+    src, dst = small(), other()
+    rep = save_checkpoint(src, path)
+    assert rep.keys == [] and rep.tensors == len(src.state_dict())
+    fresh = other()
+    fresh.load_state_dict(torch.load(path, weights_only=True))  # the standard torch idiom
+    assert same_values(src, fresh)
+    lrep = load_checkpoint(dst, str(path))
+    assert isinstance(lrep, LoadReport) and lrep.state_dict_key is None
+    assert same_values(src, dst)
+    assert "Loaded" in str(lrep) and "<table" in lrep._repr_html_()
+
+
+def test_save_counts_tied_storage_once(tmp_path):
+    gpt = GPT()
+    rep = save_checkpoint(gpt, tmp_path / "g.pt", name="gpt")
+    sd = gpt.state_dict()
+    ptrs = {t.untyped_storage().data_ptr() for t in sd.values()}
+    assert rep.tensors == len(sd) and rep.storages == len(ptrs) < len(sd)
+    assert rep.tensor_bytes == sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                                    for t in sd.values()}.values())
+
+
+def test_save_replaces_atomically_and_keeps_mode(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(small(), path)
+    os.chmod(path, 0o640)
+    rep = save_checkpoint(other(), path)
+    assert rep.replaced and (os.stat(path).st_mode & 0o777) == 0o640
+    assert same_values(other(), _loaded(path))
+
+
+def _loaded(path) -> nn.Module:
+    m = small()
+    m.load_state_dict(torch.load(path, weights_only=True))
+    return m
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_save_keeps_old_file(tmp_path, monkeypatch, exc):
+    path = tmp_path / "c.pt"
+    save_checkpoint(small(), path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def partial_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 partial bytes of a checkpoint ...")
+        raise exc("interrupted in the middle of the write")
+
+    monkeypatch.setattr(torch, "save", partial_save)
+    with pytest.raises(exc):
+        save_checkpoint(other(), path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
+    assert same_values(small(), _loaded(path))
+
+
+def test_save_warns_about_extras_weights_only_refuses(tmp_path):
+    rep = save_checkpoint(small(), tmp_path / "c.pt", extras={"cfg": Path("x")})
+    assert any("--unsafe" in n and "'cfg'" in n for n in rep.notes)
+
+
+def test_save_bad_inputs(ip, tmp_path):
+    ip.user_ns.update(m=small(), t=torch.ones(2))
+    with torch.device("meta"):
+        ip.user_ns["meta_m"] = small()
+    assert "meta device" in usage_error(ip, f"checkpoint save meta_m {tmp_path / 'x.pt'}")
+    assert "does not exist" in usage_error(ip, f"checkpoint save m {tmp_path / 'no' / 'x.pt'}")
+    assert "is a directory" in usage_error(ip, f"checkpoint save m {tmp_path}")
+    assert "not an nn.Module" in usage_error(ip, f"checkpoint save t {tmp_path / 'x.pt'}")
+    assert "--mmap applies to load" in usage_error(ip, f"checkpoint save m {tmp_path}/x.pt --mmap")
+    assert "KEY=VALUE" in usage_error(ip, f"checkpoint save m {tmp_path}/x.pt --extra epoch")
+    assert "clashes" in usage_error(ip, f"checkpoint save m {tmp_path}/x.pt --extra model=1")
+    assert "nope" in usage_error(ip, f"checkpoint save m {tmp_path}/x.pt --extra e=nope")
+    assert "nope" in usage_error(ip, f"checkpoint save nope {tmp_path}/x.pt")
+    with pytest.raises(UsageError) as info:
+        run(ip, f"checkpoint copy m {tmp_path}/x.pt")
+    assert "\n" not in str(info.value) and "invalid choice" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+# -- load: safety --------------------------------------------------------------------------------
+def test_malicious_pickle_is_refused(ip, tmp_path):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": small().state_dict(), "payload": Evil(str(marker))}, path)
+    model = other()
+    ip.user_ns["model"] = model
+    snap = Snapshot.take(model)
+    msg = usage_error(ip, f"checkpoint load model {path}")
+    assert "refused to load" in msg and "needs io.open" in msg and "--unsafe" in msg
+    assert not marker.exists()
+    snap.assert_unchanged()
+    # The payload is real: with --unsafe, unpickling runs it (and the report says why that is bad).
+    _, shown = run(ip, f"checkpoint load model {path} --unsafe")
+    assert marker.exists()
+    assert "arbitrary" in shown or "runs any code" in shown
+
+
+def test_truncated_and_empty_files(ip, tmp_path):
+    good = tmp_path / "good.pt"
+    save_checkpoint(small(), good)
+    data = good.read_bytes()
+    model = other()
+    ip.user_ns["model"] = model
+    snap = Snapshot.take(model)
+    for cut in (len(data) // 2, len(data) - 10, 100):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        msg = usage_error(ip, f"checkpoint load model {tmp_path / 'cut.pt'}")
+        assert "truncated or corrupt" in msg, msg
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "is empty" in usage_error(ip, f"checkpoint load model {tmp_path / 'empty.pt'}")
+    (tmp_path / "text.pt").write_bytes(b"hello world, not a checkpoint")
+    assert "not a torch.save checkpoint" in usage_error(
+        ip, f"checkpoint load model {tmp_path / 'text.pt'}")
+    snap.assert_unchanged()
+
+
+def test_load_bad_inputs(ip, tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(small(), path)
+    ip.user_ns.update(model=other(), opt=torch.optim.SGD(other().parameters(), lr=0.1))
+    assert "does not exist" in usage_error(ip, f"checkpoint load model {tmp_path / 'no.pt'}")
+    assert "is a directory" in usage_error(ip, f"checkpoint load model {tmp_path}")
+    assert "not a device" in usage_error(ip, f"checkpoint load model {path} --map-location gpu0")
+    assert "applies to save" in usage_error(ip, f"checkpoint load model {path} --extra a=1")
+    assert "no key of the checkpoint starts" in usage_error(
+        ip, f"checkpoint load model {path} --strip-prefix module.")
+    assert "holds no optimizer state" in usage_error(
+        ip, f"checkpoint load model {path} --optimizer opt")
+    assert "--assign replaces" in usage_error(
+        ip, f"checkpoint load model {path} --optimizer opt --assign")
+    assert "no such entry" in usage_error(ip, f"checkpoint load model {path} --key weights")
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in usage_error(
+            ip, f"checkpoint load model {path} --map-location cuda")
+
+
+# -- load: key diff ------------------------------------------------------------------------------
+def test_shape_mismatch_refused_with_diff(ip, tmp_path):
+    path = tmp_path / "c.pt"
+    src = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))  # 3 classes
+    save_checkpoint(src, path)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))  # 2 classes
+    ip.user_ns["model"] = model
+    snap = Snapshot.take(model)
+    with pytest.raises(UsageError) as info:
+        _, shown = run(ip, f"checkpoint load model {path} -o rep")
+    msg = str(info.value)
+    assert "\n" not in msg and "2 shape mismatches" in msg and "unchanged" in msg
+    snap.assert_unchanged()
+    rep = ip.user_ns["rep"]
+    assert rep.status == "refused"
+    assert {(m.key, m.checkpoint_shape, m.model_shape) for m in rep.mismatched} == {
+        ("2.weight", (3, 8), (2, 8)), ("2.bias", (3,), (2,))}
+    text = str(rep)
+    assert "shape" in text and "2.weight" in text and "(3, 8)" in text and "(2, 8)" in text
+    # --no-strict loads what matches and reports what it skipped.
+    _, shown = run(ip, f"checkpoint load model {path} --no-strict -o rep2")
+    rep2 = ip.user_ns["rep2"]
+    assert rep2.status == "loaded" and sorted(rep2.skipped) == ["2.bias", "2.weight"]
+    assert torch.equal(model[0].weight, src[0].weight)
+    assert not torch.equal(model[2].weight[:2], src[2].weight[:2])
+
+
+def test_module_prefix_detected_and_fixed(ip, tmp_path):
+    src = small()
+    path = tmp_path / "dp.pt"
+    torch.save(nn.DataParallel(src).state_dict(), path)
+    model = other()
+    ip.user_ns["model"] = model
+    snap = Snapshot.take(model)
+    with pytest.raises(UsageError) as info:
+        run(ip, f"checkpoint load model {path}")
+    assert "--strip-prefix module. makes every key match" in str(info.value)
+    snap.assert_unchanged()
+    run(ip, f"checkpoint load model {path} --strip-prefix module.")
+    assert same_values(src, model)
+    # torch.compile's _orig_mod. prefix, and the reverse case (the model is the wrapped one).
+    torch.save({f"_orig_mod.{k}": v for k, v in src.state_dict().items()}, path)
+    with pytest.raises(CheckpointMismatch) as err:
+        load_checkpoint(other(), path)
+    assert err.value.report.prefix_fix == "--strip-prefix _orig_mod."
+    torch.save(src.state_dict(), path)
+    wrapped = nn.DataParallel(other())
+    with pytest.raises(CheckpointMismatch) as err:
+        load_checkpoint(wrapped, path)
+    assert err.value.report.prefix_fix == "--add-prefix module."
+    load_checkpoint(wrapped, path, add_prefix="module.")
+    assert same_values(src, wrapped.module)
+
+
+def test_state_dict_found_under_common_keys(tmp_path):
+    src = small()
+    path = tmp_path / "l.pt"
+    torch.save({"state_dict": src.state_dict(), "epoch": 7, "global_step": 70}, path)
+    model = other()
+    rep = load_checkpoint(model, path)
+    assert rep.state_dict_key == "state_dict" and rep.extras == {"epoch": 7, "global_step": 70}
+    assert same_values(src, model)
+
+
+# -- load: meta, mmap, assign --------------------------------------------------------------------
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and os.path.realpath(parts[5]) == os.path.realpath(path):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
+def test_mmap_assign_into_meta_model(ip, tmp_path):
+    path = tmp_path / "gpt.pt"
+    src = GPT()
+    save_checkpoint(src, path)
+    with torch.device("meta"):
+        model = GPT()
+    ip.user_ns["model"] = model
+    assert "--assign" in usage_error(ip, f"checkpoint load model {path} --mmap")
+    _, shown = run(ip, f"checkpoint load model {path} --mmap --assign -o rep")
+    assert ip.user_ns["rep"].status == "loaded"
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert not any(p.is_meta for p in params.values())
+    assert not any(b.is_meta for b in model.buffers())
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in params.values())
+    assert same_values(src, model)
+    # Tied weights stay tied (assign=True alone would split them).
+    assert len(list(model.parameters())) == len(list(src.parameters()))
+    assert "re-tied" in shown
+    # The parameters are the file's pages, not copies.
+    if sys.platform.startswith("linux"):
+        ranges = _mapped_ranges(path)
+        assert ranges, "the checkpoint file is not mapped"
+        for p in params.values():
+            ptr = p.untyped_storage().data_ptr()
+            assert any(lo <= ptr < hi for lo, hi in ranges), "parameter not backed by the file"
+    assert "model is on  cpu" in shown
+
+
+def test_map_location_reports_device(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(small(), path)
+    rep = load_checkpoint(other(), path, map_location="cpu")
+    assert rep.model_devices == {"cpu": len(list(other().parameters())) + 3}
+    assert rep.checkpoint_devices == {"cpu": len(small().state_dict())}
+
+
+@requires_cuda
+def test_map_location_does_not_move_the_model(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(small(), path)
+    model = other()
+    rep = load_checkpoint(model, path, map_location="cuda")
+    assert next(model.parameters()).device.type == "cpu"
+    assert any("stays on cpu" in n for n in rep.notes)
+    model2 = other()
+    rep2 = load_checkpoint(model2, path, map_location="cuda", assign=True)
+    assert next(model2.parameters()).device.type == "cuda"
+    assert "cuda:0" in rep2.model_devices
+
+
+# -- load: the model is unchanged when a load fails ---------------------------------------------
+class Picky(nn.Linear):
+    def _load_from_state_dict(self, *args, **kwargs):
+        raise RuntimeError("Picky refuses every checkpoint")
+
+
+def test_failure_inside_torch_load_state_dict_leaves_model_unchanged(tmp_path):
+    path = tmp_path / "c.pt"
+    src = nn.Sequential(nn.Linear(4, 4), Picky(4, 4))
+    torch.manual_seed(3)
+    save_checkpoint(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), path)
+    snap = Snapshot.take(src)
+    with pytest.raises(TorchMagicError) as err:
+        load_checkpoint(src, path)
+    assert "Picky refuses" in str(err.value) and "unchanged" in str(err.value)
+    snap.assert_unchanged()  # the first Linear was not loaded either
+
+
+def test_optimizer_group_mismatch_checked_before_model(tmp_path):
+    path = tmp_path / "c.pt"
+    src = small()
+    save_checkpoint(src, path, optimizer=torch.optim.SGD(src.parameters(), lr=0.1))
+    model = other()
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[3].parameters()}],
+                          lr=0.1)
+    snap = Snapshot.take(model)
+    with pytest.raises(TorchMagicError, match="parameter groups"):
+        load_checkpoint(model, path, optimizer=opt)
+    snap.assert_unchanged()
+
+
+def test_keyboard_interrupt_while_reading_leaves_model_unchanged(ip, tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint(small(), path)
+    model = other()
+    ip.user_ns["model"] = model
+    snap = Snapshot.take(model)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(ip, f"checkpoint load model {path}")
+    snap.assert_unchanged()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="POSIX")
+def test_ctrl_c_during_the_copy_is_held_until_it_completes(tmp_path):
+    path = tmp_path / "c.pt"
+    src = small()
+    save_checkpoint(src, path)
+    model = other()
+    fired = []
+
+    def hook(module, state_dict, prefix, *args):
+        # Ctrl-C arrives while the first submodule of the real model is being loaded (the hook
+        # also runs on the meta twin used for validation: not there).
+        if not fired and not module.weight.is_meta:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = model[0]._register_load_state_dict_pre_hook(hook, with_module=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            load_checkpoint(model, path)
+    finally:
+        handle.remove()
+    assert fired
+    assert same_values(src, model)  # all or nothing: the load completed, then Ctrl-C was raised
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_success_keeps_everything_but_values(ip, tmp_path):
+    """A successful load changes values only: flags, hooks, requires_grad, grads, global state."""
+    path = tmp_path / "c.pt"
+    src = small()
+    save_checkpoint(src, path)
+    model = other()
+    model.eval()
+    model[0].weight.requires_grad_(False)
+    ip.user_ns["model"] = model
+    before = Snapshot.take(model)
+    run(ip, f"checkpoint load model {path}")
+    diffs = before.differences()
+    assert diffs and all(d.endswith("values changed") for d in diffs), diffs
+    assert not model.training and not model[0].weight.requires_grad
+    assert same_values(src, model)
+
+
+def test_widget_and_html(tmp_path):
+    path = tmp_path / "c.pt"
+    rep = save_checkpoint(small(), path)
+    from torchmagic.display import checkpoint as view
+
+    assert "atomically" in view.html(rep)
+    assert view.widget(rep).value == view.html(rep)
+    try:
+        load_checkpoint(nn.Linear(4, 8), path)
+    except CheckpointMismatch as exc:
+        html = exc.report._repr_html_()
+        assert "<table" in html and "unexpected" in html
