@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torchmagic.display.format import esc
+from torchmagic.display.format import esc, wrap_line
 from torchmagic.display.table import Cell, Table, html_block
 
 
@@ -45,26 +45,12 @@ def _result_notes(r: Any) -> list[str]:
     return notes
 
 
-def _wrap(line: str, width: int = 100) -> list[str]:
-    if len(line) <= width:
-        return [line]
-    out, cur = [], ""
-    for word in line.split(" "):
-        if cur and len(cur) + 1 + len(word) > width:
-            out.append(cur)
-            cur = "    " + word
-        else:
-            cur = f"{cur} {word}" if cur else word
-    out.append(cur)
-    return out
-
-
 def _result_text(r: Any) -> str:
     lines = [f"{r.label}: {r.statement}"]
     width = max(len(k) for k, _ in _result_rows(r))
     lines += [f"  {k.ljust(width)}  {v}" for k, v in _result_rows(r)]
     lines += _result_notes(r)
-    return "\n".join(x for line in lines for x in _wrap(line))
+    return "\n".join(x for line in lines for x in wrap_line(line))
 
 
 def _result_html(r: Any) -> str:
@@ -103,7 +89,7 @@ def text(obj: Any) -> str:
     if current is not None:
         notes = _result_notes(current)
         if notes:
-            out += "\n" + "\n".join(x for n in notes for x in _wrap(f"{current.label}: {n}"))
+            out += "\n" + "\n".join(x for n in notes for x in wrap_line(f"{current.label}: {n}"))
     return out
 
 

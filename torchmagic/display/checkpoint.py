@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torchmagic.display.format import esc, exact, human_bytes
+from torchmagic.display.format import esc, exact, human_bytes, wrap_line
 from torchmagic.display.table import Cell, Table, html_block
 
 MAX_TEXT_ROWS = 40
@@ -133,22 +133,7 @@ def text(rep: Any) -> str:
         if table is not None:
             out.append(table.text())
     out.extend(f"note: {n}" for n in notes)
-    return "\n".join(_wrap(line) for block in out for line in block.split("\n"))
-
-
-def _wrap(line: str, width: int = 100) -> str:
-    """Wrap long lines at spaces (continuations indented) so text stays within ``width``."""
-    if len(line) <= width:
-        return line
-    words, lines, cur = line.split(" "), [], ""
-    for w in words:
-        if cur and len(cur) + 1 + len(w) > width:
-            lines.append(cur)
-            cur = "    " + w
-        else:
-            cur = f"{cur} {w}" if cur else w
-    lines.append(cur)
-    return "\n".join(lines)
+    return "\n".join(x for block in out for line in block.split("\n") for x in wrap_line(line))
 
 
 def html(rep: Any) -> str:

@@ -60,3 +60,20 @@ def percent(part: float, whole: float) -> str:
     if not whole:
         return "-"
     return f"{100.0 * part / whole:.1f}%"
+
+
+def wrap_line(line: str, width: int = 100, indent: str = "    ") -> list[str]:
+    """Wrap one line at spaces so plain text stays within ``width`` columns; continuation lines
+    start with ``indent``. Lines that fit (tables) are returned unchanged."""
+    if len(line) <= width:
+        return [line]
+    out: list[str] = []
+    cur = ""
+    for word in line.split(" "):
+        if cur and len(cur) + 1 + len(word) > width:
+            out.append(cur)
+            cur = indent + word
+        else:
+            cur = f"{cur} {word}" if cur else word
+    out.append(cur)
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from torchmagic.display.bench import human_time
-from torchmagic.display.format import esc, exact, human_bytes, percent
+from torchmagic.display.format import esc, exact, human_bytes, percent, wrap_line
 from torchmagic.display.table import Cell, Table
 
 _HEADERS = {
@@ -74,22 +74,8 @@ def table(res: Any, short_names: bool = False) -> Table:
                  notes=notes)
 
 
-def _wrap(line: str, width: int = 100) -> list[str]:
-    if len(line) <= width:
-        return [line]
-    out, cur = [], ""
-    for word in line.split(" "):
-        if cur and len(cur) + 1 + len(word) > width:
-            out.append(cur)
-            cur = "    " + word
-        else:
-            cur = f"{cur} {word}" if cur else word
-    out.append(cur)
-    return out
-
-
 def text(res: Any) -> str:
-    return "\n".join(x for line in table(res, True).text().split("\n") for x in _wrap(line))
+    return "\n".join(x for line in table(res, True).text().split("\n") for x in wrap_line(line))
 
 
 def html(res: Any) -> str:
