@@ -1,0 +1,509 @@
+"""%summary and torchmagic.summary: numbers against independent references (parameters(),
+forward hooks written here), tied weights, inputs of every kind, the state invariants (Snapshot on
+success, on a failing forward and on KeyboardInterrupt), bad input, and the three renderings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import requires_cuda, run
+from IPython.core.error import UsageError
+from statecheck import Snapshot, assert_released
+
+import torchmagic
+from torchmagic.core.errors import ForwardError, TorchMagicError
+from torchmagic.core.summary import ModelSummary, summary
+from torchmagic.models import GPT, GPTConfig, Llama, SmallCNN
+
+SEEN: list[tuple[bool, bool]] = []
+
+
+class Boom(nn.Module):
+    """Raises what it is told to, after the BatchNorms have run (and updated their clones)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exc: BaseException | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exc is not None:
+            raise self.exc
+        return x
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.frozen_bn = nn.BatchNorm2d(4)
+        self.boom = Boom()
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        SEEN.append((self.bn.training, self.frozen_bn.training))
+        x = self.boom(self.frozen_bn(self.bn(self.conv(x))))
+        return self.head(self.drop(x.mean((2, 3))))
+
+
+def bn_net() -> BNNet:
+    """A model in train mode holding a frozen BatchNorm in eval, a user hook and a .grad."""
+    torch.manual_seed(0)
+    m = BNNet()
+    m.train()
+    m.frozen_bn.eval()
+    for p in m.frozen_bn.parameters():
+        p.requires_grad_(False)
+    m.frozen_bn.running_mean.uniform_()
+    m.head.weight.grad = torch.ones_like(m.head.weight)
+    m.conv.register_forward_hook(lambda mod, i, o: None)
+    return m
+
+
+# -- numbers -------------------------------------------------------------------------------------
+def test_totals_match_parameters_and_rows_in_module_order() -> None:
+    m = SmallCNN()
+    s = summary(m, input_size=(2, 3, 32, 32))
+    assert s.total_params == sum(p.numel() for p in m.parameters())
+    assert s.trainable_params == s.total_params and s.frozen_params == 0
+    assert s.param_bytes == sum(p.numel() * p.element_size() for p in m.parameters())
+    assert s.buffer_bytes == sum(b.numel() * b.element_size() for b in m.buffers())
+    assert [r.path for r in s.rows] == [n for n, _ in m.named_modules()]
+    rows = {r.path: r for r in s.rows}
+    for name, mod in m.named_modules():
+        assert rows[name].params == sum(p.numel() for p in mod.parameters())
+        assert rows[name].cls == type(mod).__name__
+    assert rows["features.0"].kernel == "3x3" and rows["features.3"].kernel == "2x2"
+    assert rows["head.1"].kernel is None
+    assert s.output_shapes == [(2, 10)]
+
+
+def test_shapes_and_activation_bytes_against_hooks() -> None:
+    m = SmallCNN()
+    x = torch.randn(2, 3, 32, 32)
+    outs: dict[str, tuple] = {}
+    leaf_bytes = 0
+
+    def hook(name: str):
+        def fn(mod, inp, out):
+            nonlocal leaf_bytes
+            outs[name] = (tuple(inp[0].shape), tuple(out.shape))
+            if not list(mod.children()):
+                leaf_bytes += out.numel() * out.element_size()
+        return fn
+
+    handles = [mod.register_forward_hook(hook(n)) for n, mod in m.named_modules()]
+    with torch.no_grad():
+        m(x)
+    for h in handles:
+        h.remove()
+    s = summary(m, x)
+    for r in s.rows:
+        assert (r.input_shapes[0], r.output_shapes[0]) == outs[r.path]
+        assert r.calls == 1
+    assert s.activation_bytes == leaf_bytes
+
+
+def test_tied_weights_counted_once() -> None:
+    g = GPT()
+    assert g.lm_head.weight is g.wte.weight
+    s = summary(g, input_size=(1, 8), dtypes="long")
+    assert s.total_params == sum(p.numel() for p in g.parameters()) == 172_288
+    rows = {r.path: r for r in s.rows}
+    assert rows["lm_head"].tied == ["weight tied to wte.weight"]
+    assert rows["lm_head"].params == 0 and rows["wte"].params == 1000 * 64
+    assert sum(r.params for r in s.rows if r.depth == 1) == s.total_params
+    assert "tied" in str(s) and "tied to wte.weight" in s._repr_html_()
+
+
+def test_frozen_and_dtypes() -> None:
+    m = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2).to(torch.bfloat16))
+    m[0].weight.requires_grad_(False)
+    s = summary(m)
+    assert s.frozen_params == 32 and s.trainable_params == 8 + 16 + 2
+    assert s.param_bytes_by_dtype == {"float32": 40 * 4, "bfloat16": 18 * 2}
+    rows = {r.path: r for r in s.rows}
+    assert rows["0"].trainable == "partly" and rows["1"].trainable == "yes"
+    assert not s.ran_forward and s.total_flops is None
+    assert "trainable" in s.visible_columns()
+
+
+def test_shared_module_called_twice_and_uncalled_module() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.lin(x))
+
+    s = summary(M(), input_size=(3, 4))
+    rows = {r.path: r for r in s.rows}
+    assert rows["lin"].calls == 2 and rows["lin"].flops == 2 * (2 * 3 * 4 * 4)
+    assert rows["unused"].status == "not called" and rows["unused"].calls == 0
+    assert "calls" in s.visible_columns()
+    assert "not called" in str(s)
+
+
+def test_depth_limits_rows_and_container_rows_aggregate() -> None:
+    g = GPT()
+    s1 = summary(g, input_size=(1, 8), dtypes="long", depth=1)
+    assert {r.depth for r in s1.rows} == {0, 1}
+    blocks = next(r for r in s1.rows if r.path == "blocks")
+    s3 = summary(g, input_size=(1, 8), dtypes="long", depth=3)
+    assert blocks.flops == sum(r.flops for r in s3.rows if r.path in ("blocks.0", "blocks.1"))
+    assert blocks.status == ""  # a ModuleList is never called itself, but it is not "not called"
+    assert summary(g, depth=0).rows[0].path == ""
+
+
+def test_inputs_tensors_tuple_and_kwargs() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            y = self.a(x)
+            return y if mask is None else y * mask
+
+    x, mask = torch.randn(2, 4), torch.ones(2, 3)
+    m = Two()
+    for s in (summary(m, x, mask), summary(m, (x, mask)), summary(m, x, {"mask": mask}),
+              summary(m, {"x": x, "mask": mask})):
+        assert s.input_shapes == [(2, 4), (2, 3)]
+        assert s.rows[0].input_shapes == [(2, 4), (2, 3)]
+    s = summary(m, input_size=[(2, 4), (2, 3)], dtypes=["float", "float"])
+    assert s.input_dtypes == ["float32", "float32"]
+
+
+def test_integer_shape_inputs_are_valid_token_ids_and_rng_untouched() -> None:
+    g = GPT()
+    state = torch.get_rng_state()
+    s = summary(g, input_size=(2, 16), dtypes=["long"])
+    assert torch.equal(state, torch.get_rng_state())
+    assert s.input_dtypes == ["int64"] and s.output_shapes == [(2, 16, 1000)]
+
+
+def test_bf16_model_gets_bf16_inputs() -> None:
+    m = nn.Linear(4, 2).to(torch.bfloat16)
+    s = summary(m, input_size=(1, 4))
+    assert s.input_dtypes == ["bfloat16"] and s.error is None
+
+
+def test_model_already_on_meta_and_70b_like_llama() -> None:
+    cfg = Llama.config_7b()
+    with torch.device("meta"):
+        model = Llama(cfg)
+    s = summary(model, input_size=(1, 16), dtypes="long", depth=1)
+    assert s.meta and s.device == "meta"
+    assert s.total_params == sum(p.numel() for p in model.parameters())
+    assert s.total_flops > 2 * 16 * (s.total_params - cfg.vocab_size * cfg.d_model)
+
+
+def test_to_dict_is_json_and_text_fits() -> None:
+    s = summary(GPT(), input_size=(2, 16), dtypes="long")
+    d = s.to_dict()
+    json.dumps(d)
+    assert d["total_params"] == s.total_params and d["rows"][0]["path"] == ""
+    table_part = str(s)
+    assert all(len(line) <= 100 for line in table_part.splitlines())
+    h = s._repr_html_()
+    assert "<script" not in h
+    assert f'title="{s.total_flops:,}' in h  # exact values on hover
+
+
+def test_columns_option() -> None:
+    s = summary(SmallCNN(), input_size=(1, 3, 32, 32), columns="params,macs")
+    assert s.visible_columns() == ["params", "macs"]
+    header = str(s).splitlines()[2]
+    assert "MACs" in header and "input" not in header
+    with pytest.raises(TorchMagicError, match="unknown column 'foo'"):
+        summary(SmallCNN(), columns="params,foo")
+
+
+# -- invariants ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["same", "train", "eval"])
+@pytest.mark.parametrize("meta", [False, True])
+def test_state_unchanged_on_success(mode: str, meta: bool) -> None:
+    m = bn_net()
+    x = torch.randn(2, 3, 8, 8)
+    snap = Snapshot.take(m, x=x)
+    SEEN.clear()
+    s = summary(m, x, mode=mode, meta=meta)
+    snap.assert_unchanged()
+    assert s.error is None and s.total_params == sum(p.numel() for p in m.parameters())
+    expected = {"same": (True, False), "train": (True, True), "eval": (False, False)}[mode]
+    assert SEEN == [expected]
+    assert m.conv.weight.device.type == "cpu"
+
+
+def test_state_unchanged_on_failing_forward() -> None:
+    m = bn_net()
+    m.boom.exc = RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x5 and 4x2)")
+    x = torch.randn(2, 3, 8, 8)
+    snap = Snapshot.take(m, x=x)
+    with pytest.raises(ForwardError) as info:
+        summary(m, x)
+    snap.assert_unchanged()
+    err = info.value
+    assert err.module_path == "boom" and err.module_class == "Boom"
+    assert str(err).startswith("boom (Boom): got input (2, 4, 6, 6); mat1 and mat2")
+    partial = err.partial
+    assert isinstance(partial, ModelSummary) and partial.error == str(err)
+    paths = [r.path for r in partial.rows]
+    assert paths == ["", "conv", "bn", "frozen_bn", "boom"]  # up to the failure
+    assert partial.rows[-1].status == "failed" and partial.rows[0].status == "running"
+    assert "FORWARD FAILED" in str(partial)
+    # raise_on_error=False returns the partial summary instead
+    s = summary(m, x, raise_on_error=False)
+    assert s.error == str(err)
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_state_unchanged_on_keyboard_interrupt(meta: bool) -> None:
+    m = bn_net()
+    m.boom.exc = KeyboardInterrupt()
+    x = torch.randn(2, 3, 8, 8)
+    snap = Snapshot.take(m, x=x)
+    with pytest.raises(KeyboardInterrupt):
+        summary(m, x, mode="train", meta=meta)
+    snap.assert_unchanged()
+
+
+def test_meta_never_moves_the_model() -> None:
+    m = SmallCNN()
+    snap = Snapshot.take(m)
+    s = summary(m, input_size=(1, 3, 32, 32), meta=True)
+    snap.assert_unchanged()
+    assert all(p.device.type == "cpu" for p in m.parameters())
+    assert s.total_flops == summary(m, input_size=(1, 3, 32, 32)).total_flops
+
+
+def test_meta_failure_names_the_reason() -> None:
+    class ReadsValues(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(ForwardError, match="meta device tensors have shapes but no values"):
+        summary(ReadsValues(), input_size=(2, 2), meta=True)
+
+
+def test_model_released() -> None:
+    assert_released(SmallCNN, lambda m: summary(m, input_size=(1, 3, 32, 32)))
+    assert_released(SmallCNN, lambda m: summary(m, input_size=(1, 3, 32, 32), torchinfo=True))
+    assert_released(SmallCNN, lambda m: summary(m, input_size=(1, 3, 32, 32), meta=True))
+
+    def failing(m: BNNet) -> None:
+        try:
+            summary(m, torch.randn(1, 3, 8, 8))
+        except ForwardError as exc:
+            return exc.partial
+
+    def make() -> BNNet:
+        m = bn_net()
+        m.boom.exc = RuntimeError("x")
+        return m
+
+    assert_released(make, failing)
+
+
+def test_torchinfo_on_a_twin() -> None:
+    from torchinfo import torchinfo as ti
+
+    m = bn_net()
+    x = torch.randn(2, 3, 8, 8)
+    before = dict(ti._cached_forward_pass)
+    snap = Snapshot.take(m, x=x)
+    s = summary(m, x, torchinfo=True)
+    snap.assert_unchanged()  # frozen BN still eval, stats and RNG untouched
+    assert ti._cached_forward_pass == before
+    assert s.torchinfo is not None and "Total params" in s.torchinfo
+    assert "torchinfo's own table" in str(s)
+    s = summary(m, x, torchinfo=True, meta=True)
+    snap.assert_unchanged()
+    assert "Total params" in s.torchinfo
+
+
+def test_bad_arguments_plain_python() -> None:
+    with pytest.raises(TorchMagicError, match="must be a torch.nn.Module; got int"):
+        summary(3)
+    with pytest.raises(TorchMagicError, match="depth"):
+        summary(SmallCNN(), depth=-1)
+    with pytest.raises(TorchMagicError, match="mode must be one of"):
+        summary(SmallCNN(), mode="test")
+    with pytest.raises(TorchMagicError, match="unknown dtype"):
+        summary(SmallCNN(), input_size=(1, 3, 32, 32), dtypes="floaty")
+    with pytest.raises(TorchMagicError, match="2 dtypes for 1 input shapes"):
+        summary(SmallCNN(), input_size=(1, 3, 32, 32), dtypes=["float", "long"])
+    with pytest.raises(TorchMagicError, match="unknown device"):
+        summary(SmallCNN(), input_size=(1, 3, 32, 32), device="gpu0")
+    with pytest.raises(TorchMagicError, match="negative"):
+        summary(SmallCNN(), input_size=(1, -3, 32, 32))
+    if not torch.cuda.is_available():
+        with pytest.raises(TorchMagicError, match="CUDA is not available"):
+            summary(SmallCNN(), input_size=(1, 3, 32, 32), device="cuda")
+
+
+@requires_cuda
+def test_device_twin_on_cuda() -> None:
+    m = bn_net()
+    x = torch.randn(2, 3, 8, 8)
+    snap = Snapshot.take(m, x=x)
+    s = summary(m, x, device="cuda")
+    snap.assert_unchanged()
+    assert s.device.startswith("cuda") and s.error is None
+
+
+def test_public_api() -> None:
+    s = torchmagic.summary(SmallCNN(), input_size=(1, 3, 32, 32))
+    assert isinstance(s, torchmagic.ModelSummary)
+    assert s.total_flops == 2 * s.total_macs
+
+
+# -- the magic -----------------------------------------------------------------------------------
+def test_magic_shows_table_and_stores(ip) -> None:
+    ip.user_ns["cnn"] = SmallCNN()
+    _, shown = run(ip, "summary cnn (1,3,32,32) --depth 1 -o s")
+    assert "SmallCNN summary" in shown and "features" in shown and "Forward FLOPs" in shown
+    assert isinstance(ip.user_ns["s"], ModelSummary)
+    assert ip.user_ns["s"].depth == 1
+
+
+def test_magic_input_forms(ip) -> None:
+    ip.run_cell("from torchmagic.models import GPT\n"
+                "gpt = GPT()\nids = torch.zeros(2, 8, dtype=torch.long)\n"
+                "class Two(nn.Module):\n"
+                "    def forward(self, a, b=None):\n"
+                "        return a + (0 if b is None else b)\n"
+                "two = Two()\nx = torch.ones(2, 3)\n")
+    for line in ("gpt ids", "gpt dict(idx=ids)", "gpt (2,8) --dtypes long", "two (x, x)",
+                 "two x x", "two [(2,3),(2,3)]", "two (2,3) (2,3) --dtypes float,float",
+                 "two x dict(b=x)", "gpt ids.shape --dtypes long"):
+        _, shown = run(ip, f"summary {line} -o r")
+        assert "FORWARD FAILED" not in shown, line
+        assert ip.user_ns["r"].ran_forward, line
+
+
+def test_magic_meta_and_mode_keep_state(ip) -> None:
+    m = bn_net()
+    ip.user_ns["m"] = m
+    snap = Snapshot.take(m)
+    for line in ("m (2,3,8,8)", "m (2,3,8,8) --meta", "m (2,3,8,8) --mode train",
+                 "m (2,3,8,8) --mode eval --torchinfo"):
+        run(ip, f"summary {line}")
+        snap.assert_unchanged()
+
+
+def test_magic_failing_forward_shows_partial_then_one_line(ip) -> None:
+    m = bn_net()
+    m.boom.exc = RuntimeError("something broke\nsecond line")
+    ip.user_ns["m"] = m
+    snap = Snapshot.take(m)
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap, pytest.raises(UsageError) as info:
+        ip.run_line_magic("summary", "m (2,3,8,8) -o part")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg == "%summary: boom (Boom): got input (2, 4, 6, 6); something broke"
+    shown = "".join(o.data.get("text/plain", "") for o in cap.outputs) + cap.stdout
+    assert "FAILED" in shown and "frozen_bn" in shown
+    assert ip.user_ns["part"].error
+    snap.assert_unchanged()
+
+
+def test_magic_keyboard_interrupt_propagates_state_kept(ip) -> None:
+    m = bn_net()
+    m.boom.exc = KeyboardInterrupt()
+    ip.user_ns["m"] = m
+    snap = Snapshot.take(m)
+    with pytest.raises(KeyboardInterrupt):
+        ip.run_line_magic("summary", "m (2,3,8,8)")
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("", "%summary: give a model"),
+    ("nope (1,3,32,32)", "name 'nope' is not defined"),
+    ("three", "MODEL must be a torch.nn.Module; got int"),
+    ("cnn (1,3", "unclosed bracket"),
+    ("cnn (1,3,,32)", "malformed input shape"),
+    ("cnn (1,3,32,32) --bogus", "unrecognized arguments: --bogus"),
+    ("cnn (1,3,32)", "features.0 (Conv2d"),
+    ("cnn (1,3,32,32) --mode test", "invalid choice"),
+    ("cnn (1,3,32,32) --columns foo", "unknown column 'foo'"),
+    ("cnn (1,3,32,32) --dtypes floaty", "unknown dtype 'floaty'"),
+    ("cnn (1,3,32,32) --device gpu0", "unknown device"),
+    ("cnn (1,3,32,32) --depth -1", "depth must be"),
+    ("cnn (1,3,32,32) xs", "not a mix"),
+    ("cnn xs --dtypes long", "--dtypes applies to shape inputs"),
+    ("cnn (1,3,32,32) -o 1x", "-o needs a variable name"),
+])
+def test_magic_bad_input_one_line(ip, line: str, expected: str) -> None:
+    ip.user_ns.update(cnn=SmallCNN(), three=3, xs=torch.randn(1, 3, 32, 32))
+    with pytest.raises(UsageError) as info:
+        run(ip, f"summary {line}")
+    msg = str(info.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_magic_depth_default_from_config(ip) -> None:
+    ip.user_ns["g"] = GPT(GPTConfig(n_layer=1))
+    ip.run_line_magic("config", "TorchMagic.depth = 1")
+    try:
+        _, shown = run(ip, "summary g -o r")
+        assert ip.user_ns["r"].depth == 1
+    finally:
+        ip.run_line_magic("config", "TorchMagic.depth = 3")
+
+
+# -- widget --------------------------------------------------------------------------------------
+def test_widget_tree_expands_and_bars() -> None:
+    from torchmagic.display import summary as display
+
+    s = summary(GPT(), input_size=(1, 8), dtypes="long")
+    w = display.widget(s)
+    header, body = w.children[0], w.children[1]
+    assert f"{s.total_params:,}" in header.value and "forward FLOPs" in header.value
+    tree, side = body.children
+    assert "tm-tree" in tree._dom_classes
+    root = tree._tm_roots[0]
+    assert [c.key for c in root.children] == ["wte", "wpe", "blocks", "ln_f", "lm_head"]
+    blocks = root.children[2]
+
+    def rendered(widget) -> str:
+        out = []
+        stack = [widget]
+        while stack:
+            x = stack.pop()
+            if hasattr(x, "value") and isinstance(x.value, str):
+                out.append(x.value)
+            stack.extend(getattr(x, "children", ()))
+        return "".join(out)
+
+    assert "blocks.0" not in rendered(tree)  # collapsed: children not built yet
+    tree._tm_set_open(blocks, True)
+    assert 'title="blocks.0"' in rendered(tree)
+    tree._tm_expand_to(0)
+    tree._tm_expand_to(3)
+    assert 'title="blocks.1.mlp"' in rendered(tree)
+    bars = rendered(side)
+    assert "blocks" in bars and "lm_head" in bars and "FLOPs" in bars
+
+
+def test_device_cpu_and_meta_strings() -> None:
+    m = bn_net()
+    x = torch.randn(2, 3, 8, 8)
+    snap = Snapshot.take(m, x=x)
+    s = summary(m, x, device="cpu")
+    assert s.device == "cpu" and not s.meta and "copy" not in " ".join(s.notes)
+    s = summary(m, x, device="meta")
+    assert s.meta and s.device == "meta"
+    snap.assert_unchanged()

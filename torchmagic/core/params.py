@@ -1,0 +1,275 @@
+"""``params(model)``: where a model's parameters are, how many, of which dtype, on which device.
+
+Counting rules (shared with :mod:`torchmagic.core.summary`):
+
+- every parameter tensor is counted once, so totals equal ``sum(p.numel() for p in
+  model.parameters())``; a tensor reachable under several names (tied weights such as a decoder's
+  ``lm_head.weight`` that *is* ``wte.weight``) belongs to its *canonical* name, the first one in
+  ``named_parameters()`` order, and is listed once with all its names;
+- a module's count is recursive: the parameters whose canonical name lies in its subtree;
+- buffers (BatchNorm running statistics, masks, ...) are counted separately, never as parameters.
+
+Only metadata is read (shape, dtype, device, ``requires_grad``): works on meta models of any size
+and never touches values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchmagic.core._result import Result
+from torchmagic.core.errors import TorchMagicError
+
+
+# -- shared helpers ------------------------------------------------------------------------------
+@dataclass
+class ParamIndex:
+    """Each distinct parameter tensor of a model with its canonical name and all its names."""
+
+    canonical: dict[int, str]          # id(tensor) -> first name
+    names: dict[int, list[str]]        # id(tensor) -> every name, in named_parameters order
+    tensors: dict[int, torch.Tensor]   # id(tensor) -> tensor, in first-seen order
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ParamIndex:
+        canonical: dict[int, str] = {}
+        names: dict[int, list[str]] = {}
+        tensors: dict[int, torch.Tensor] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            key = id(p)
+            if key not in canonical:
+                canonical[key] = name
+                tensors[key] = p
+                names[key] = []
+            names[key].append(name)
+        return cls(canonical, names, tensors)
+
+    def tied(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        for key, t in self.tensors.items():
+            if len(self.names[key]) > 1:
+                yield t, self.names[key]
+
+
+def prefixes(name: str) -> Iterator[str]:
+    """Module paths owning ``name`` (a parameter/buffer name): ``""``, ``"a"``, ``"a.b"`` for
+    ``"a.b.weight"``."""
+    yield ""
+    parts = name.split(".")[:-1]
+    for i in range(1, len(parts) + 1):
+        yield ".".join(parts[:i])
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def module_depth(path: str) -> int:
+    return 0 if not path else path.count(".") + 1
+
+
+def tied_notes(path: str, module: nn.Module, index: ParamIndex) -> list[str]:
+    """``["weight tied to wte.weight"]`` for the parameters of ``module`` owned elsewhere."""
+    notes = []
+    for pname, p in module._parameters.items():
+        if p is None:
+            continue
+        full = f"{path}.{pname}" if path else pname
+        owner = index.canonical.get(id(p))
+        if owner is not None and owner != full:
+            notes.append(f"{pname} tied to {owner}")
+    return notes
+
+
+def require_module(model: Any, what: str = "MODEL") -> nn.Module:
+    """``model`` if it is an ``nn.Module``, else a one-line :class:`TorchMagicError`."""
+    if isinstance(model, nn.Module):
+        return model
+    kind = type(model).__name__
+    hint = ""
+    if isinstance(model, torch.Tensor):
+        hint = " (a tensor; for tensors use %tensor)"
+    elif isinstance(model, dict):
+        hint = " (a dict, e.g. a state_dict: load it into a model first)"
+    elif isinstance(model, type) and issubclass(model, nn.Module):
+        hint = f" (the class {model.__name__} itself: create an instance, e.g. {model.__name__}())"
+    raise TorchMagicError(f"{what} must be a torch.nn.Module; got {kind}{hint}")
+
+
+# -- result --------------------------------------------------------------------------------------
+@dataclass
+class ParamRow:
+    """One module of the breakdown (counts are recursive over its subtree)."""
+
+    path: str
+    cls: str
+    depth: int
+    params: int = 0
+    trainable: int = 0
+    frozen: int = 0
+    bytes: int = 0
+    buffers: int = 0          # buffer elements
+    buffer_bytes: int = 0
+    dtypes: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)
+    percent: float = 0.0      # of the model's total parameters
+
+    @property
+    def name(self) -> str:
+        return self.path or "(root)"
+
+
+@dataclass
+class TiedParam:
+    """A parameter tensor reachable under several names (counted once)."""
+
+    names: list[str]
+    numel: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class ParamReport(Result):
+    """What ``%params`` shows. ``rows`` are modules in ``named_modules()`` order down to ``depth``;
+    with ``only="trainable"``/``"frozen"`` their counts cover only that kind and modules without any
+    are left out (the totals stay the whole model's)."""
+
+    _display_module = "torchmagic.display.params"
+
+    model_class: str
+    name: str
+    total_params: int
+    trainable_params: int
+    frozen_params: int
+    param_bytes: int
+    param_tensors: int
+    params_by_dtype: dict[str, int]
+    bytes_by_dtype: dict[str, int]
+    devices: dict[str, int]            # device -> parameter elements on it
+    buffer_count: int
+    total_buffers: int                 # buffer elements
+    buffer_bytes: int
+    buffer_devices: dict[str, int]
+    rows: list[ParamRow]
+    tied: list[TiedParam]
+    depth: int
+    only: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def split_devices(self) -> bool:
+        """True when parameters/buffers live on more than one device."""
+        return len(set(self.devices) | set(self.buffer_devices)) > 1
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def params(model: nn.Module, depth: int = 3, only: str | None = None,
+           name: str = "model") -> ParamReport:
+    """Count ``model``'s parameters: totals, trainable/frozen, bytes and counts by dtype, devices
+    (a warning when they are split over several devices), a per-module breakdown down to ``depth``
+    (``only="trainable"``/``"frozen"`` restricts it), tied parameters with all their names, and
+    buffers counted separately. Reads metadata only (works on meta models)."""
+    model = require_module(model)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise TorchMagicError(f"depth must be a whole number >= 0; got {depth!r}")
+    if only not in (None, "trainable", "frozen"):
+        raise TorchMagicError(f"only must be 'trainable', 'frozen' or None; got {only!r}")
+
+    index = ParamIndex.of(model)
+    modules = [(p, m) for p, m in model.named_modules() if module_depth(p) <= depth]
+    rows = {p: ParamRow(path=p, cls=type(m).__name__, depth=module_depth(p)) for p, m in modules}
+    dtypes: dict[str, set[str]] = {p: set() for p in rows}
+    devs: dict[str, set[str]] = {p: set() for p in rows}
+
+    total = trainable = nbytes = 0
+    by_dtype: dict[str, int] = {}
+    bytes_by_dtype: dict[str, int] = {}
+    devices: dict[str, int] = {}
+    for key, t in index.tensors.items():
+        n = t.numel()
+        b = tensor_nbytes(t)
+        dt = _dtype_name(t.dtype)
+        total += n
+        nbytes += b
+        if t.requires_grad:
+            trainable += n
+        by_dtype[dt] = by_dtype.get(dt, 0) + n
+        bytes_by_dtype[dt] = bytes_by_dtype.get(dt, 0) + b
+        devices[str(t.device)] = devices.get(str(t.device), 0) + n
+        kind_ok = (only is None or (only == "trainable") == bool(t.requires_grad))
+        if not kind_ok:
+            continue
+        for prefix in prefixes(index.canonical[key]):
+            row = rows.get(prefix)
+            if row is None:
+                continue
+            row.params += n
+            row.bytes += b
+            if t.requires_grad:
+                row.trainable += n
+            else:
+                row.frozen += n
+            dtypes[prefix].add(dt)
+            devs[prefix].add(str(t.device))
+
+    buffer_count = buffer_elems = buffer_bytes = 0
+    buffer_devices: dict[str, int] = {}
+    for bname, buf in model.named_buffers():
+        buffer_count += 1
+        buffer_elems += buf.numel()
+        buffer_bytes += tensor_nbytes(buf)
+        buffer_devices[str(buf.device)] = buffer_devices.get(str(buf.device), 0) + buf.numel()
+        for prefix in prefixes(bname):
+            row = rows.get(prefix)
+            if row is not None:
+                row.buffers += buf.numel()
+                row.buffer_bytes += tensor_nbytes(buf)
+
+    for path, module in modules:
+        row = rows[path]
+        row.dtypes = sorted(dtypes[path])
+        row.devices = sorted(devs[path])
+        row.tied = tied_notes(path, module, index)
+        row.percent = 100.0 * row.params / total if total else 0.0
+
+    out_rows = list(rows.values())
+    if only is not None:
+        out_rows = [r for r in out_rows if r.params or r.depth == 0]
+
+    tied = [TiedParam(names=list(names), numel=t.numel(), shape=tuple(t.shape),
+                      dtype=_dtype_name(t.dtype)) for t, names in index.tied()]
+    warnings = []
+    all_devices = sorted(set(devices) | set(buffer_devices))
+    if len(all_devices) > 1:
+        where = ", ".join(f"{d}: {devices.get(d, 0):,} params" for d in all_devices)
+        warnings.append(f"model is split across {len(all_devices)} devices ({where}); "
+                        "inputs and every module must agree, or forward fails with a device error")
+    notes = []
+    if "meta" in devices and len(all_devices) == 1:
+        notes.append("parameters are on the meta device: shapes only, no values")
+
+    return ParamReport(
+        model_class=type(model).__name__, name=name, total_params=total,
+        trainable_params=trainable, frozen_params=total - trainable, param_bytes=nbytes,
+        param_tensors=len(index.tensors), params_by_dtype=by_dtype, bytes_by_dtype=bytes_by_dtype,
+        devices=devices, buffer_count=buffer_count, total_buffers=buffer_elems,
+        buffer_bytes=buffer_bytes, buffer_devices=buffer_devices, rows=out_rows, tied=tied,
+        depth=depth, only=only, warnings=warnings, notes=notes,
+    )
+
+
+__all__ = ["ParamIndex", "ParamReport", "ParamRow", "TiedParam", "params", "require_module"]

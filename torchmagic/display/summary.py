@@ -1,0 +1,247 @@
+"""Rendering of :class:`torchmagic.core.summary.ModelSummary` (``%summary``).
+
+- text: a table (qualified module name, class, the selected columns) that fits 100 columns, the
+  totals below it, notes, the failure line, and torchinfo's own table when asked for;
+- HTML: the same table, self-contained, exact values on hover;
+- widget: totals header, collapsible module tree (expand/collapse per module, depth buttons) and
+  bars of parameters and FLOPs by top-level module.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+from torchmagic.core.tracing import format_shapes
+from torchmagic.display.format import esc, exact, human_bytes, human_count, human_flops
+from torchmagic.display.table import Cell, Table, html_block
+
+HEADERS = {"input": "input", "output": "output", "params": "params", "trainable": "train",
+           "percent": "%", "flops": "FLOPs", "macs": "MACs", "bytes": "bytes",
+           "kernel": "kernel", "calls": "calls"}
+ALIGN = {"input": "l", "output": "l", "params": "r", "trainable": "l", "percent": "r",
+         "flops": "r", "macs": "r", "bytes": "r", "kernel": "l", "calls": "r"}
+
+
+def _flops(n: int | None) -> Cell:
+    if n is None:
+        return Cell("-")
+    return Cell(human_flops(n, unit="").strip(), title=f"{exact(n)}")
+
+
+def _shapes(shapes: Any, compact: bool) -> str:
+    out = format_shapes(shapes)
+    return out.replace(", ", ",").replace("),(", "), (") if compact else out
+
+
+def _cell(row: Any, col: str, ran: bool, compact: bool = False) -> Cell:
+    not_run = ran and row.status == "not called"
+    if col == "input":
+        if row.input_shapes is None:
+            return Cell("not called" if not_run and compact else "-")
+        return Cell(_shapes(row.input_shapes, compact), title=format_shapes(row.input_shapes))
+    if col == "output":
+        if row.status == "failed":
+            return Cell("FAILED", css="tm-bad")
+        if row.output_shapes is None:
+            return Cell("…" if row.status == "running" else "-")
+        return Cell(_shapes(row.output_shapes, compact), title=format_shapes(row.output_shapes))
+    if col == "params":
+        shown = human_count(row.params)
+        if compact and row.tied:
+            shown = "tied" if not row.params else f"{shown} +tied"
+        return Cell(shown, title=f"{exact(row.params)} parameters")
+    if col == "trainable":
+        return Cell(row.trainable, title=f"{exact(row.trainable_params)} trainable")
+    if col == "percent":
+        return Cell(f"{row.percent:.1f}%" if row.params else "-",
+                    title=f"{row.percent:.4f}% of all parameters")
+    if col == "flops":
+        if not_run:
+            return Cell("-")
+        c = _flops(row.flops)
+        if compact and row.analytic_flops:
+            c.text += "*"
+        return c
+    if col == "macs":
+        return Cell("-") if not_run else _flops(row.macs)
+    if col == "bytes":
+        if row.output_bytes is None:
+            return Cell("-")
+        return Cell(human_bytes(row.output_bytes), title=f"{exact(row.output_bytes)} bytes")
+    if col == "kernel":
+        return Cell(row.kernel or "")
+    if col == "calls":
+        return Cell(str(row.calls) if row.calls else "-")
+    raise KeyError(col)
+
+
+def _note(row: Any) -> str:
+    parts = list(row.tied)
+    if row.status == "failed":
+        parts.append("forward failed here")
+    elif row.status == "not called":
+        parts.append("not called")
+    if row.analytic_flops:
+        parts.append("analytic FLOPs")
+    return "; ".join(parts)
+
+
+def _inputs_desc(s: Any) -> str:
+    if not s.ran_forward and not s.input_shapes:
+        return "no inputs: parameters only"
+    shapes = format_shapes(s.input_shapes)
+    dts = sorted(set(s.input_dtypes))
+    return f"input {shapes} {'/'.join(dts)}".rstrip()
+
+
+def title(s: Any) -> str:
+    bits = [_inputs_desc(s)]
+    if s.ran_forward:
+        bits.append(f"mode {s.mode}")
+        if s.device:
+            bits.append(f"on {s.device}")
+    bits.append(f"depth {s.depth}")
+    return f"{s.model_class} summary ({', '.join(bits)})"
+
+
+def table(s: Any, compact: bool = False) -> Table:
+    """The module table; ``compact`` (plain text) writes shapes without spaces and folds the note
+    column into the cells (``tied`` params, ``not called`` inputs, ``*`` analytic FLOPs) so that
+    the table fits 100 columns; the notes below the table say the rest."""
+    cols = s.visible_columns()
+    notes_col = not compact and any(_note(r) for r in s.rows)
+    headers = ["module", "type", *[HEADERS[c] for c in cols]] + (["note"] if notes_col else [])
+    align = ["l", "l", *[ALIGN[c] for c in cols]] + (["l"] if notes_col else [])
+    rows, css = [], []
+    for r in s.rows:
+        name = Cell(r.path or "(root)", title=r.path or s.model_class)
+        cells: list[object] = [name, r.cls, *[_cell(r, c, s.ran_forward, compact) for c in cols]]
+        if notes_col:
+            cells.append(_note(r))
+        rows.append(cells)
+        css.append("tm-bad" if r.status == "failed" else
+                   "tm-muted" if r.status == "not called" else None)
+    return Table(headers=headers, rows=rows, align=align, title=title(s), row_css=css)
+
+
+def totals(s: Any) -> list[tuple[str, Cell]]:
+    """Footer (label, value) pairs."""
+    out: list[tuple[str, Cell]] = []
+    pct = 100.0 * s.trainable_params / s.total_params if s.total_params else 0.0
+    out.append(("Parameters", Cell(
+        f"{s.total_params:,} ({human_count(s.total_params)}); trainable {s.trainable_params:,} "
+        f"({pct:.1f}%); frozen {s.frozen_params:,}")))
+    dt = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(s.param_bytes_by_dtype.items()))
+    out.append(("Parameter bytes", Cell(f"{human_bytes(s.param_bytes)}" + (f" ({dt})" if dt else ""),
+                                        title=f"{exact(s.param_bytes)} bytes")))
+    out.append(("Buffer bytes", Cell(human_bytes(s.buffer_bytes),
+                                     title=f"{exact(s.buffer_bytes)} bytes")))
+    if s.ran_forward:
+        label = "Forward FLOPs" + (" (up to the failure)" if s.error else "")
+        out.append((label, Cell(
+            f"{human_flops(s.total_flops)} ({exact(s.total_flops)}); MACs "
+            f"{human_flops(s.total_macs, unit='')}".rstrip(),
+            title=f"{exact(s.total_flops)} FLOPs = 2 x {exact(s.total_macs)} multiply-adds")))
+        out.append(("Activation bytes", Cell(
+            f"{human_bytes(s.activation_bytes)} (outputs of leaf-module calls)",
+            title=f"{exact(s.activation_bytes)} bytes")))
+        if s.output_shapes:
+            out.append(("Output", Cell(format_shapes(s.output_shapes))))
+    return out
+
+
+def _wrap(line: str, width: int = 100) -> list[str]:
+    return textwrap.wrap(line, width=width, subsequent_indent="    ", break_on_hyphens=False) or [""]
+
+
+def text(s: Any) -> str:
+    t = table(s, compact=True)
+    lines = [t.text(width=100)]
+    for label, value in totals(s):
+        lines.extend(_wrap(f"{label}: {value.text}"))
+    for note in s.notes:
+        lines.extend(_wrap(f"Note: {note}"))
+    if s.error:
+        lines.extend(_wrap(f"FORWARD FAILED: {s.error}"))
+    if s.torchinfo:
+        lines.append("")
+        lines.append("torchinfo's own table (same inputs and depth, run on a twin):")
+        lines.append(s.torchinfo)
+    return "\n".join(lines)
+
+
+def html(s: Any) -> str:
+    t = table(s)
+    t.footer = [(k, v) for k, v in totals(s)]
+    t.notes = [f"Note: {n}" for n in s.notes]
+    extra = ""
+    if s.error:
+        extra += f'<div class="tm-note tm-bad">FORWARD FAILED: {esc(s.error)}</div>'
+    if s.torchinfo:
+        extra += (f'<details style="margin-top:6px"><summary>torchinfo\'s own table (same inputs '
+                  f'and depth, run on a twin)</summary><pre class="tm-mono">{esc(s.torchinfo)}'
+                  f'</pre></details>')
+    return t.html(extra_html=extra)
+
+
+def _top_level(s: Any, attr: str) -> list[tuple[str, float, int]]:
+    rows = [r for r in s.rows if r.depth == 1]
+    items = [(r.path, float(getattr(r, attr) or 0), int(getattr(r, attr) or 0)) for r in rows]
+    root = next((r for r in s.rows if r.depth == 0), None)
+    if root is not None:
+        rest = int(getattr(root, attr) or 0) - sum(v for _, _, v in items)
+        if rest > 0:
+            items.append(("(root, outside submodules)", float(rest), rest))
+    return [i for i in items if i[2] > 0]
+
+
+def widget(s: Any) -> Any:
+    import ipywidgets as w
+
+    from torchmagic.display.widgets import TreeNode, bars, html_widget, module_tree, totals_header
+
+    cards = [("parameters", human_count(s.total_params), f"{exact(s.total_params)}"),
+             ("trainable", human_count(s.trainable_params), f"{exact(s.trainable_params)}"),
+             ("frozen", human_count(s.frozen_params), f"{exact(s.frozen_params)}"),
+             ("param bytes", human_bytes(s.param_bytes), f"{exact(s.param_bytes)} bytes")]
+    if s.ran_forward:
+        cards.append(("forward FLOPs", human_flops(s.total_flops), f"{exact(s.total_flops)}"))
+        cards.append(("MACs", human_flops(s.total_macs, unit="").strip(), f"{exact(s.total_macs)}"))
+        cards.append(("activations", human_bytes(s.activation_bytes),
+                      f"{exact(s.activation_bytes)} bytes (outputs of leaf-module calls)"))
+    cards.append(("buffers", human_bytes(s.buffer_bytes), f"{exact(s.buffer_bytes)} bytes"))
+    parts: list[Any] = [totals_header(cards, title=title(s))]
+
+    t = table(s)
+    nodes = [TreeNode(key=r.path or s.model_class, depth=r.depth,
+                      cells=[Cell(r.path.rsplit(".", 1)[-1] if r.path else s.model_class,
+                                  title=r.path or s.model_class), *row[1:]],
+                      css=t.row_css[i] if t.row_css else None)
+             for i, (r, row) in enumerate(zip(s.rows, t.rows))]
+    tree = module_tree(nodes, headers=t.headers, align=t.align, expand_depth=1)
+
+    side = [bars("parameters by top-level module",
+                 [(n, v, human_count(e), f"{exact(e)} parameters")
+                  for n, v, e in _top_level(s, "params")])]
+    if s.ran_forward:
+        side.append(bars("forward FLOPs by top-level module",
+                         [(n, v, human_flops(e), f"{exact(e)} FLOPs")
+                          for n, v, e in _top_level(s, "flops")]))
+    parts.append(w.HBox([tree, w.VBox(side)], layout=w.Layout(flex_flow="row wrap",
+                                                              align_items="flex-start")))
+    notes = [f"Note: {n}" for n in s.notes]
+    footer = "".join(f'<div class="tm-note">{esc(n)}</div>' for n in notes)
+    if s.error:
+        footer += f'<div class="tm-note tm-bad">FORWARD FAILED: {esc(s.error)}</div>'
+    if footer:
+        parts.append(html_widget(html_block(None, footer)))
+    if s.torchinfo:
+        acc = w.Accordion([html_widget(html_block(None, f'<pre class="tm-mono">'
+                                                        f'{esc(s.torchinfo)}</pre>'))])
+        acc.set_title(0, "torchinfo's own table")
+        acc.selected_index = None
+        parts.append(acc)
+    box = w.VBox(parts)
+    box.add_class("tm-summary")
+    return box
