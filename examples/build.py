@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 SETUP = """%load_ext torchmagic
 import torch, torch.nn as nn, torch.nn.functional as F
 from torchmagic.models import SmallCNN, GPT, GPTConfig, Llama
-torch.manual_seed(0)"""
+_ = torch.manual_seed(0)"""
 
 NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
     "quickstart": [
@@ -116,8 +116,13 @@ def build(name: str, execute: bool = True) -> Path:
                         else nbformat.v4.new_code_cell(src))
     path = HERE / f"{name}.ipynb"
     if execute:
-        NotebookClient(nb, timeout=600, kernel_name="python3",
+        # No saved widget state: static viewers (nbconvert, nbviewer, GitHub) then show the
+        # self-contained HTML that every output carries beside the widget view, instead of a
+        # widget that needs JavaScript from a CDN. (JupyterLab 4 saves no widget state by default.)
+        NotebookClient(nb, timeout=600, kernel_name="python3", store_widget_state=False,
                        resources={"metadata": {"path": str(HERE)}}).execute()
+        for cell in nb.cells:  # checkpoint files written by the quickstart stay out of the repo
+            cell.metadata.pop("execution", None)
     nbformat.write(nb, path)
     return path
 
