@@ -30,19 +30,24 @@ def cells(text: str) -> list[tuple[str, bool]]:
     return out
 
 
-def main(path: Path = HERE / "tour.ipy") -> int:
+def main(path: Path = HERE / "tour.ipy", markdown: bool = False) -> int:
+    """Run the tour; with ``markdown`` each cell and its output is one fenced block (for README)."""
     from IPython.terminal.interactiveshell import TerminalInteractiveShell
 
     shell = TerminalInteractiveShell.instance(colors="nocolor")
     failures = []
     for n, (src, expect_error) in enumerate(cells(path.read_text()), start=1):
         lines = src.splitlines()
-        print(f"\nIn [{n}]: {lines[0]}")
+        if markdown:
+            print("\n```")
+        print(f"{'' if markdown else chr(10)}In [{n}]: {lines[0]}")
         for line in lines[1:]:
             print(f"   ...: {line}")
         sys.stdout.flush()
         result = shell.run_cell(src, store_history=True)
         sys.stdout.flush()
+        if markdown:
+            print("```")
         if not result.success and not expect_error:
             failures.append(n)
         if result.success and expect_error:
@@ -56,4 +61,5 @@ def main(path: Path = HERE / "tour.ipy") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "tour.ipy"))
+    args = [a for a in sys.argv[1:] if a != "--markdown"]
+    sys.exit(main(Path(args[0]) if args else HERE / "tour.ipy", markdown="--markdown" in sys.argv))
