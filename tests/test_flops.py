@@ -199,3 +199,100 @@ def test_per_module_flops_sum_to_parent() -> None:
     assert children == rows[""].flops == s.total_flops
     d = 32
     assert rows["lm_head"].flops == 2 * 8 * d * 100
+
+
+# -- reviewer's additions: more layer kinds, each against a formula written here ---------------
+def _conv_flops(n: int, c_in: int, c_out: int, groups: int, kernel: tuple[int, ...],
+                out_spatial: tuple[int, ...]) -> int:
+    """2 x every output element x the (C_in / groups) * prod(kernel) weights it sums over."""
+    k = 1
+    for d in kernel:
+        k *= d
+    o = 1
+    for d in out_spatial:
+        o *= d
+    return 2 * n * c_out * o * (c_in // groups) * k
+
+
+def _convT_flops(n: int, c_in: int, c_out: int, groups: int, kernel: tuple[int, ...],
+                 in_spatial: tuple[int, ...]) -> int:
+    """Transposed conv: every input element is multiplied into prod(kernel) * C_out/groups
+    outputs."""
+    k = 1
+    for d in kernel:
+        k *= d
+    i = 1
+    for d in in_spatial:
+        i *= d
+    return 2 * n * c_in * i * (c_out // groups) * k
+
+
+@pytest.mark.parametrize("case", ["conv1d", "conv3d", "grouped", "depthwise", "convT1d",
+                                  "convT3d", "convT_grouped"])
+def test_more_convolutions(case: str) -> None:
+    if case == "conv1d":
+        m, shape = nn.Conv1d(4, 6, 5, stride=2, padding=1), (2, 4, 21)
+        want = _conv_flops(2, 4, 6, 1, (5,), ((21 + 2 - 5) // 2 + 1,))
+    elif case == "conv3d":
+        m, shape = nn.Conv3d(3, 5, (3, 2, 2)), (1, 3, 6, 7, 8)
+        want = _conv_flops(1, 3, 5, 1, (3, 2, 2), (4, 6, 7))
+    elif case == "grouped":
+        m, shape = nn.Conv2d(8, 12, 3, groups=4), (2, 8, 9, 9)
+        want = _conv_flops(2, 8, 12, 4, (3, 3), (7, 7))
+    elif case == "depthwise":
+        m, shape = nn.Conv2d(8, 8, 3, groups=8, padding=1), (1, 8, 10, 10)
+        want = _conv_flops(1, 8, 8, 8, (3, 3), (10, 10))
+    elif case == "convT1d":
+        m, shape = nn.ConvTranspose1d(4, 6, 3, stride=2), (2, 4, 10)
+        want = _convT_flops(2, 4, 6, 1, (3,), (10,))
+    elif case == "convT3d":
+        m, shape = nn.ConvTranspose3d(4, 2, 3, stride=2), (1, 4, 3, 4, 5)
+        want = _convT_flops(1, 4, 2, 1, (3, 3, 3), (3, 4, 5))
+    else:
+        m, shape = nn.ConvTranspose2d(8, 4, 2, stride=2, groups=2), (1, 8, 5, 5)
+        want = _convT_flops(1, 8, 4, 2, (2, 2), (5, 5))
+    s = summary(m, input_size=shape)
+    assert close(s.total_flops, want), (s.total_flops, want)
+    s_meta = summary(m, input_size=shape, meta=True)
+    assert close(s_meta.total_flops, want)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_kdim_vdim(batch_first: bool) -> None:
+    e, kd, vd, heads, b, lq, lk = 32, 16, 24, 4, 3, 5, 7
+    m = nn.MultiheadAttention(e, heads, kdim=kd, vdim=vd, batch_first=batch_first)
+    if batch_first:
+        q, k, v = torch.randn(b, lq, e), torch.randn(b, lk, kd), torch.randn(b, lk, vd)
+    else:
+        q, k, v = torch.randn(lq, b, e), torch.randn(lk, b, kd), torch.randn(lk, b, vd)
+    want = (2 * b * (lq * e * e + lk * kd * e + lk * vd * e)   # q, k, v projections
+            + 2 * 2 * b * lq * lk * e                            # QK^T and AV
+            + 2 * b * lq * e * e)                                # output projection
+    for mode in ("train", "eval"):
+        s = summary(m, q, k, v, mode=mode)
+        assert close(s.total_flops, want), (mode, s.total_flops, want)
+
+
+def test_gru_bidirectional_two_layers_batch_first() -> None:
+    h, i, b, t = 16, 8, 3, 5
+    m = nn.GRU(i, h, num_layers=2, bidirectional=True, batch_first=True)
+    per_token = 2 * (2 * 3 * h * (i + h)) + 2 * (2 * 3 * h * (2 * h + h))
+    s = summary(m, input_size=(b, t, i))
+    assert close(s.total_flops, per_token * b * t)
+    assert s.output_shapes == [(b, t, 2 * h), (4, b, h)]
+
+
+def test_gru_packed_sequence_input_real_and_meta() -> None:
+    """A PackedSequence given as the input is one argument (not split as a tuple), and on meta its
+    batch_sizes stay on the CPU (PackedSequence refuses anything else)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    h, i = 16, 8
+    m = nn.GRU(i, h, num_layers=2, bidirectional=True, batch_first=True)
+    packed = pack_padded_sequence(torch.randn(3, 5, i), [5, 3, 2], batch_first=True)
+    per_token = 2 * (2 * 3 * h * (i + h)) + 2 * (2 * 3 * h * (2 * h + h))
+    for meta in (False, True):
+        s = summary(m, packed, meta=meta)
+        assert close(s.total_flops, per_token * (5 + 3 + 2)), meta
+        assert s.rows[0].input_shapes[0] == (10, i)
+    assert packed.batch_sizes.device.type == "cpu" and packed.data.device.type == "cpu"

@@ -499,3 +499,44 @@ def test_cuda_model_and_tensors():
     assert rep.value("y").device.startswith("cuda") and "fake" in rep.value("y").device
     assert torch.cuda.memory_allocated() == allocated
     snap.assert_unchanged()
+
+
+# ---------------------------------------------------------------------------------------------
+# reviewer's additions
+# ---------------------------------------------------------------------------------------------
+def test_packed_sequence_from_the_namespace(ip):
+    """A PackedSequence's batch_sizes must stay on the CPU (PackedSequence refuses a meta one and
+    the recurrent kernels read them): its data becomes meta, batch_sizes are shared read-only."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    gru = nn.GRU(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+    packed = pack_padded_sequence(torch.randn(3, 5, 8), [5, 3, 2], batch_first=True)
+    ip.user_ns.update(gru=gru, packed=packed)
+    rec = _ns_record(ip.user_ns)
+    snap = Snapshot.take(gru, data=packed.data, batch_sizes=packed.batch_sizes)
+    _, shown = run(ip, "meta_shape -o rep", "out, h = gru(packed)\nn = int(packed.batch_sizes[0])")
+    rep = ip.user_ns.pop("rep")
+    assert rep.ok, rep.error
+    assert rep.value("h").shapes == [(4, 3, 16)] and rep.value("h").device == "meta"
+    assert rep.value("out").shapes[0] == (10, 32)
+    assert rep.value("n").value == "3"
+    _assert_ns_same(ip.user_ns, rec)
+    snap.assert_unchanged()
+
+
+def test_packing_inside_the_cell_is_explained(ip):
+    ip.user_ns["gru"] = nn.GRU(8, 16, batch_first=True)
+    msg = _user_error(ip, "meta_shape", "from torch.nn.utils.rnn import pack_padded_sequence\n"
+                                        "p = pack_padded_sequence(torch.randn(3, 5, 8), [5, 3, 2], "
+                                        "batch_first=True)\nout, h = gru(p)")
+    assert msg.startswith("%%meta_shape: line 2") and "values of their lengths" in msg
+
+
+def test_in_place_write_to_kept_batch_sizes_is_not_done_for_real(ip):
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    packed = pack_padded_sequence(torch.randn(3, 5, 8), [5, 3, 2], batch_first=True)
+    ip.user_ns["packed"] = packed
+    before = packed.batch_sizes.clone()
+    run(ip, "meta_shape", "packed.batch_sizes.add_(1)\npacked.batch_sizes[0] = 7")
+    assert torch.equal(packed.batch_sizes, before)

@@ -507,3 +507,233 @@ def test_device_cpu_and_meta_strings() -> None:
     s = summary(m, x, device="meta")
     assert s.meta and s.device == "meta"
     snap.assert_unchanged()
+
+
+# -- reviewer's additions: models and inputs real users bring ---------------------------------
+class KwModel(nn.Module):
+    """forward(input_ids, attention_mask=None) returning a dict with a None in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> dict:
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return {"logits": self.head(h), "hidden": h, "past": None}
+
+
+class _Raiser:
+    """A forward hook on a submodule that raises ``exc`` when set (registered before the
+    snapshot, so the snapshot includes it)."""
+
+    def __init__(self) -> None:
+        self.exc: BaseException | None = None
+
+    def __call__(self, *args: object) -> None:
+        if self.exc is not None:
+            raise self.exc
+
+
+def _new_cases() -> dict:
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    gru = nn.GRU(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+    packed = pack_padded_sequence(torch.randn(3, 5, 8), [5, 3, 2], batch_first=True)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2).eval()
+    mha = nn.MultiheadAttention(16, 2, kdim=8, vdim=12)
+    kw = KwModel()
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    shared = nn.Linear(4, 4)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    frozen = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    frozen[0].requires_grad_(False)
+    frozen[1].eval()
+    dp = nn.DataParallel(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    return {
+        # name: (model, inputs, submodule whose hook raises)
+        "gru_packed": (gru, (packed,), gru),
+        "encoder_fast_path": (enc, (torch.randn(2, 5, 16),), enc.layers[1].linear2),
+        "mha_kdim_vdim": (mha, (torch.randn(4, 2, 16), torch.randn(6, 2, 8),
+                                torch.randn(6, 2, 12)), mha),
+        "kwargs_dict": (kw, ({"input_ids": ids, "attention_mask": torch.ones(2, 6)},), kw.head),
+        "shared_twice": (twice, (torch.randn(2, 4),), twice[1]),
+        "frozen_bn": (frozen.train(), (torch.randn(3, 4),), frozen[2]),
+        "data_parallel": (dp, (torch.randn(2, 4),), dp.module[1]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_new_cases()))
+@pytest.mark.parametrize("meta", [False, True])
+def test_new_cases_state_on_success_failure_and_interrupt(case: str, meta: bool) -> None:
+    model, inputs, where = _new_cases()[case]
+    raiser = _Raiser()
+    handle = where.register_forward_hook(raiser)
+    try:
+        snap = Snapshot.take(model, *[t for t in inputs if isinstance(t, torch.Tensor)])
+        s = summary(model, *inputs, meta=meta)
+        assert s.error is None and s.total_params == sum(p.numel() for p in model.parameters())
+        assert s.output_shapes
+        snap.assert_unchanged()
+        raiser.exc = RuntimeError("boom in the user's code")
+        with pytest.raises(ForwardError, match="boom in the user's code") as info:
+            summary(model, *inputs, meta=meta)
+        assert "\n" not in str(info.value)
+        snap.assert_unchanged()
+        raiser.exc = KeyboardInterrupt()
+        with pytest.raises(KeyboardInterrupt):
+            summary(model, *inputs, meta=meta, mode="train")
+        snap.assert_unchanged()
+    finally:
+        handle.remove()
+
+
+def test_kwargs_dict_input_and_dict_output() -> None:
+    m = KwModel()
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    s = summary(m, {"input_ids": ids, "attention_mask": torch.ones(2, 6)})
+    assert s.rows[0].input_shapes == [(2, 6), (2, 6)]
+    assert s.output_shapes == [(2, 6, 4), (2, 6, 8)]  # the None is skipped
+    assert summary(m, {"input_ids": ids}, meta=True).output_shapes == [(2, 6, 4), (2, 6, 8)]
+
+
+def test_dataclass_and_none_outputs_are_shown() -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        logits: torch.Tensor
+        aux: torch.Tensor | None
+
+    class DC(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> Out:
+            return Out(self.lin(x), None)
+
+    s = summary(DC(), input_size=(2, 4))
+    assert s.output_shapes == [(2, 3)]
+    assert s.rows[0].output_bytes == 2 * 3 * 4
+    assert "Output: (2, 3)" in str(s)
+
+
+def test_multihead_attention_out_proj_is_in_parent_not_unused() -> None:
+    """MHA uses out_proj's weights in F.multi_head_attention_forward, never calling it: the row
+    says so (not "not called") and the activation estimate counts MHA's own outputs."""
+    m = nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    s = summary(m, x, x, x)
+    out_proj = next(r for r in s.rows if r.path == "out_proj")
+    assert out_proj.status == "in parent"
+    line = next(li for li in str(s).splitlines() if li.startswith("out_proj"))
+    assert "not called" not in line
+    assert "used directly by the parent's forward" in str(s)
+    assert s.activation_bytes == (2 * 5 * 16 + 2 * 5 * 5) * 4  # output + averaged weights
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_wrappers_are_unwrapped_and_torchscript_is_explained() -> None:
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    s = summary(nn.DataParallel(inner), input_size=(2, 4))
+    assert [r.path for r in s.rows] == ["", "0", "1"] and s.total_flops == 2 * 2 * 4 * 4
+    assert any("DataParallel wrapper" in n for n in s.notes)
+
+    class OptimizedModule(nn.Module):  # torch.compile's wrapper, without importing dynamo here
+        def __init__(self, mod: nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = mod
+
+        def forward(self, *a: object) -> object:
+            raise AssertionError("the compiled wrapper must not run")
+
+    s = summary(OptimizedModule(inner), input_size=(2, 4))
+    assert [r.path for r in s.rows] == ["", "0", "1"]
+    assert any("torch.compile" in n for n in s.notes)
+
+    scripted = torch.jit.script(inner)
+    with pytest.raises(TorchMagicError, match="TorchScript module") as info:
+        summary(scripted, input_size=(2, 4))
+    assert "\n" not in str(info.value)
+    assert summary(scripted).total_params == 20  # no inputs: parameters only
+
+    container = nn.ModuleList([nn.Linear(2, 2)])
+    with pytest.raises(TorchMagicError, match="ModuleList has no forward"):
+        summary(container, input_size=(1, 2))
+    assert summary(container).total_params == 6
+
+
+def test_integer_input_hint_and_list_hint(ip) -> None:
+    ip.user_ns["emb"] = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 2))
+    with pytest.raises(ForwardError, match="--dtypes long"):
+        summary(ip.user_ns["emb"], input_size=(2, 5))
+    assert summary(ip.user_ns["emb"], input_size=(2, 5), dtypes="long").output_shapes == [(2, 5, 2)]
+    ip.user_ns["xs"] = [torch.randn(1, 4), torch.randn(1, 4)]
+    ip.user_ns["lin"] = nn.Linear(4, 2)
+    for line, want in [("summary emb (2,5)", "--dtypes long"),
+                       ("summary lin xs", "wrap it: (xs,)"),
+                       ("summary lin 1e9,4", "sizes must be whole numbers")]:
+        with pytest.raises(UsageError, match=want.replace("(", r"\(").replace(")", r"\)")) as info:
+            run(ip, line)
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_bad_input_never_gives_an_internal_traceback(ip) -> None:
+    """Through run_cell (what a notebook does): every bad line ends in a UsageError."""
+    ip.user_ns["cnn"] = SmallCNN()
+    ip.user_ns["sm"] = torch.jit.script(nn.Linear(2, 2))
+    lines = ["%summary cnn (1,3,32,32) --depth -1", "%summary cnn (1,3,32,32) --mode bogus",
+             "%summary cnn (1,3,32,32) --device cuda:7", "%summary cnn (1,3,32,32) --device gpu",
+             "%summary cnn (1,3,32,32) --columns params,bogus", "%summary cnn (1,3,32,32) -o 1x",
+             "%summary cnn (1,3,32,32) --dtypes long,float", "%summary cnn (1,3,32,32) --dtypes x",
+             "%summary cnn (1,3,32", "%summary cnn (1,3,32,32) (1,3)", "%summary cnn 1.5,3,32,32",
+             "%summary sm (1,2)", "%summary cnn {1: 2}", "%params cnn --depth -1",
+             "%params cnn --frozen --trainable", "%summary cnn (1,3,32,32) --columns ''"]
+    if not torch.cuda.is_available():
+        lines.append("%summary cnn (1,3,32,32) --device cuda")
+    for line in lines:
+        result = ip.run_cell(line, silent=True)
+        assert isinstance(result.error_in_exec, UsageError), (line, result.error_in_exec)
+        assert "\n" not in str(result.error_in_exec), line
+
+
+def test_text_fits_100_columns_with_many_inputs_and_torchinfo() -> None:
+    m = nn.MultiheadAttention(32, 4, kdim=16, vdim=24)
+    s = summary(m, torch.randn(5, 2, 32), torch.randn(7, 2, 16), torch.randn(7, 2, 24),
+                torchinfo=True)
+    too_wide = [line for line in str(s).splitlines() if len(line) > 100]
+    assert not too_wide, too_wide
+    s = summary(SmallCNN(), input_size=(1, 3, 32, 32), torchinfo=True)
+    assert "Mult-Adds" in s.torchinfo and "Param #" in s.torchinfo
+    assert max(len(line) for line in str(s).splitlines()) <= 100
+
+
+def test_long_module_paths_stay_distinguishable_in_text() -> None:
+    """Long qualified names are cut in the middle (both ends kept), so sibling rows still differ
+    when the table has to shrink to 100 columns."""
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    m = nn.ModuleDict({"an_extremely_long_attribute_name_for_a_block":
+                       nn.ModuleDict({"another_quite_long_key_name": inner})})
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = m
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return inner(x)
+
+    s = summary(Wrap(), input_size=(2, 4), columns=list(torchmagic.core.summary.COLUMNS), depth=5)
+    lines = str(s).splitlines()
+    assert max(len(line) for line in lines) <= 100
+    names = [line.split("  ")[0] for line in lines if line.startswith("blo")]
+    assert len(names) == 5 and len(set(names)) == 5, names
+    assert names[-1].endswith(".1") and names[-2].endswith(".0")
+    p = torchmagic.params(Wrap(), depth=5)
+    names = [line.split("  ")[0] for line in str(p).splitlines() if line.startswith("blo")]
+    assert len(set(names)) == len(names) == 5, names

@@ -210,6 +210,7 @@ class _Converter:
         self.converted: list[str] = []
         self.passed: list[str] = []
         self.roots: dict[str, nn.Module] = {}
+        self.keep_real: set[int] = set()    # ids of real tensors the twins share (read only)
 
     # -- collecting ------------------------------------------------------------------------
     def _add_tensor(self, t: torch.Tensor) -> None:
@@ -233,6 +234,19 @@ class _Converter:
             return False
         if isinstance(obj, torch.Tensor):
             self._add_tensor(obj)
+            found[0] = True
+            return True
+        if _is_packed(obj) and self.label == "meta":
+            # PackedSequence: its batch_sizes are CPU metadata recurrent kernels read (also on
+            # meta) and PackedSequence refuses elsewhere; they stay real, shared, never written
+            bs = obj.batch_sizes
+            if id(bs) not in self.memo:
+                self.memo[id(bs)] = bs
+                self.keep.append(bs)
+                self.keep_real.add(id(bs))
+            for t in (obj.data, obj.sorted_indices, obj.unsorted_indices):
+                if t is not None:
+                    self._add_tensor(t)
             found[0] = True
             return True
         if isinstance(obj, nn.Module):
@@ -305,6 +319,12 @@ class _Converter:
             for k, v in obj.items():
                 if isinstance(v, nn.Module):
                     self.roots[f"{name}[{k!r}]"] = v
+
+
+def _is_packed(obj: Any) -> bool:
+    from torch.nn.utils.rnn import PackedSequence
+
+    return isinstance(obj, PackedSequence)
 
 
 def _is_ndarray(obj: Any) -> bool:
@@ -393,6 +413,7 @@ class _Redirect(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []
         self.real_reads = 0
         self.device_moves: set[str] = set()
+        self.keep_real: set[int] = set()   # real tensors passed on as they are (batch_sizes)
         self.failed: tuple[BaseException, str, list[tuple[Any, ...]]] | None = None
         self._moves = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu}
         for name in ("mps", "xpu", "pin_memory"):
@@ -417,9 +438,9 @@ class _Redirect(TorchFunctionMode):
         self.device_moves.add(str(device))
         return torch.device("cpu")
 
-    def _fix(self, a: Any) -> Any:
+    def _fix(self, a: Any, writes: bool = False) -> Any:
         if isinstance(a, torch.Tensor):
-            if self._is_real(a):
+            if self._is_real(a) and (writes or id(a) not in self.keep_real):
                 out = self.memo.get(id(a))
                 if out is None:
                     out = self.convert(a)
@@ -429,8 +450,23 @@ class _Redirect(TorchFunctionMode):
                 return out
             return a
         if type(a) in (list, tuple) and a and any(isinstance(x, torch.Tensor) for x in a):
-            return type(a)(self._fix(x) for x in a)
+            return type(a)(self._fix(x, writes) for x in a)
         return a
+
+    @staticmethod
+    def _writes(func: Any, kwargs: dict[str, Any]) -> bool:
+        """In-place ops, ``x[i] = v`` and ``out=``: kept real tensors must not reach them."""
+        name = getattr(func, "__name__", "")
+        return (name.endswith("_") and not name.endswith("__")) or \
+            name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__") or \
+            "out" in kwargs
+
+    def _on_kept(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """True when every tensor the op gets is kept real metadata and the op cannot write."""
+        if self._writes(func, kwargs):
+            return False
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        return bool(tensors) and all(id(t) in self.keep_real for t in tensors)
 
     def _move(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self_t = self._fix(args[0])
@@ -465,12 +501,22 @@ class _Redirect(TorchFunctionMode):
         try:
             if func in self._moves and args:
                 return self._move(func, args, kwargs)
+            if self.keep_real and self._on_kept(func, args, kwargs):
+                # reads of kept metadata (packed.batch_sizes[0], int(...)): run for real, and
+                # what they give is metadata too
+                out = func(*args, **kwargs)
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and self._is_real(t):
+                        self.keep_real.add(id(t))
+                        self.keep.append(t)
+                return out
             if func in self.constructors or kwargs.get("device") is not None:
                 kwargs = dict(kwargs)
                 kwargs["device"] = self._target(kwargs.get("device"))
-            args = tuple(self._fix(a) for a in args)
+            writes = bool(self.keep_real) and self._writes(func, kwargs)
+            args = tuple(self._fix(a, writes) for a in args)
             if kwargs:
-                kwargs = {k: self._fix(v) for k, v in kwargs.items()}
+                kwargs = {k: self._fix(v, writes) for k, v in kwargs.items()}
             return func(*args, **kwargs)
         except Exception as exc:
             if self.failed is None or self.failed[0] is not exc:
@@ -598,6 +644,11 @@ def _classify(exc: BaseException, fake: bool, flag: str) -> tuple[str, str | Non
         return "data-dependent", (
             "needs the value of a tensor (.item(), bool(), int()/float(), or an if/while on a "
             f"tensor), and {values}; {flag} continues with a symbolic value (u0)")
+    if "'lengths' argument should be a 1D CPU int64 tensor" in text:
+        return "data-dependent", (
+            "packs sequences by the values of their lengths (pack_padded_sequence / "
+            f"pack_sequence), and {values}; pack real tensors first and use the PackedSequence "
+            "in the code (its batch sizes are kept as they are)")
     if "Cannot copy out of meta tensor" in text:
         return "data-dependent", (
             "needs a tensor's values (.tolist(), .cpu(), .numpy() or printing values), and "
@@ -829,6 +880,7 @@ class _Run:
             self.tracer = ModuleTracer(conv.roots)
             self.tracer.on_enter.append(self._on_enter)
             redirect = _Redirect(self.fake_mode, self.convert)
+            redirect.keep_real = conv.keep_real
             line: int | None = None
             try:
                 with self._modes(redirect), trace_modules(self.tracer):

@@ -93,7 +93,9 @@ class SummaryRow:
     output_bytes: int | None = None
     kernel: str | None = None
     tied: list[str] = field(default_factory=list)
-    status: str = ""          # "", "not called", "failed" (innermost failing), "running" (its parent)
+    # "", "not called", "in parent" (weights used by the parent's forward, e.g. MHA's out_proj),
+    # "failed" (innermost failing), "running" (its parent)
+    status: str = ""
     analytic_flops: bool = False
 
     @property
@@ -120,8 +122,8 @@ class ModelSummary(Result):
     Totals: ``total_params`` = ``sum(p.numel() for p in model.parameters())`` (each tensor once),
     ``trainable_params``/``frozen_params``, ``param_bytes`` (and ``param_bytes_by_dtype``),
     ``buffer_bytes``; with a forward: ``total_flops`` (forward FLOPs, 2 per multiply-add),
-    ``total_macs`` and ``activation_bytes`` = the bytes of the outputs of every *leaf*-module call
-    (modules without submodules), an estimate of what a training step keeps for backward
+    ``total_macs`` and ``activation_bytes`` = the bytes of the outputs of every *leaf* module call
+    (a call that makes no module call itself), an estimate of what a training step keeps for backward
     (functional ops between modules and in-place outputs are not told apart). After a failing
     forward (``error`` set) the numbers cover what ran before the failure.
     """
@@ -277,11 +279,30 @@ def _normal_device(device: Any) -> torch.device:
     return dev
 
 
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """``nn.DataParallel``/``DistributedDataParallel`` and ``torch.compile``'s ``OptimizedModule``
+    -> the module they wrap (what the user wants summarized), with a note saying so."""
+    notes = []
+    for _ in range(4):  # wrappers may nest: DataParallel(torch.compile(m))
+        cls = type(model).__name__
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            notes.append(f"{cls} wrapper: summarized the module it wraps (.module)")
+        elif cls == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+            notes.append("torch.compile wrapper: summarized the original module (._orig_mod) "
+                         "in eager mode")
+        else:
+            break
+    return model, ("; ".join(notes) or None)
+
+
 # -- inputs --------------------------------------------------------------------------------------
 def _split_inputs(inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Positional inputs -> (args, kwargs): one tuple/list is the argument list, a dict holds
     keyword arguments (alone or last)."""
-    if len(inputs) == 1 and isinstance(inputs[0], (tuple, list)) and not _is_shape(inputs[0]):
+    if len(inputs) == 1 and type(inputs[0]) in (tuple, list) and not _is_shape(inputs[0]):
+        # a plain tuple/list is the argument list; a namedtuple (PackedSequence) is one argument
         inputs = tuple(inputs[0])
     kwargs: dict[str, Any] = {}
     if inputs and isinstance(inputs[-1], dict):
@@ -306,6 +327,7 @@ def _make_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
+    from torch.nn.utils.rnn import PackedSequence
     from torch.utils._pytree import tree_map
 
     def move(t: Any) -> Any:
@@ -315,7 +337,14 @@ def _to_device(obj: Any, device: torch.device) -> Any:
             return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="meta")
         return t.detach().to(device) if t.device != device else t
 
-    return tree_map(move, obj)
+    def packed(p: PackedSequence) -> PackedSequence:
+        # batch_sizes are metadata the recurrent kernels read on the CPU (on meta too)
+        return PackedSequence(move(p.data), p.batch_sizes,
+                              None if p.sorted_indices is None else move(p.sorted_indices),
+                              None if p.unsorted_indices is None else move(p.unsorted_indices))
+
+    return tree_map(lambda t: packed(t) if isinstance(t, PackedSequence) else move(t), obj,
+                    is_leaf=lambda t: isinstance(t, PackedSequence))
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -323,7 +352,6 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 class _Run:
     tracer: Any
     counter: Any
-    leaf_ids: set[int]
     error: BaseException | None = None
 
 
@@ -335,8 +363,7 @@ def _forward(run_model: nn.Module, user_model: nn.Module, is_twin: bool, mode: s
 
     tracer = ModuleTracer(run_model)
     counter = flop_counter(tracer)
-    leaf_ids = {id(m) for m in run_model.modules() if next(m.children(), None) is None}
-    run = _Run(tracer, counter, leaf_ids)
+    run = _Run(tracer, counter)
     mha = getattr(torch.backends, "mha", None)
     fast = mha.get_fastpath_enabled() if mha is not None else None
     with preserved_global_state(), preserved_training_flags(user_model):
@@ -364,6 +391,21 @@ def _forward(run_model: nn.Module, user_model: nn.Module, is_twin: bool, mode: s
 
 _META_HINTS = ("meta tensor", "cannot copy out of meta", "on the expected device meta",
                "is not on the expected device", "data-dependent")
+
+
+def _failure_hint(run: _Run, low: str, default_dtypes: bool, split_list: bool) -> str:
+    """What the user can do about common failures of the first call."""
+    failing = run.tracer.failing_call
+    if default_dtypes and ("'indices' to have one of the following scalar types" in low
+                           or "expected scalar type long" in low
+                           or "tensors used as indices must be" in low):
+        return (" (inputs made from shapes are floating point unless told otherwise: give token "
+                "ids an integer dtype with --dtypes long, or dtypes='long' in Python)")
+    if split_list and isinstance(run.error, TypeError) and "positional argument" in low and \
+            failing is not None and failing.parent is None:
+        return (" (a list or tuple of tensors is passed as separate positional arguments; to "
+                "pass it as one argument, wrap it: (xs,))")
+    return ""
 
 
 def summary(
@@ -397,8 +439,20 @@ def summary(
     from torchmagic.core.twin import device_twin, is_meta_model, meta_twin
 
     model = require_module(model)
+    model, wrapper_note = unwrap_model(model)
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
         raise TorchMagicError(f"depth must be a whole number >= 0; got {depth!r}")
+    if isinstance(model, torch.jit.ScriptModule) and (inputs or input_size is not None):
+        raise TorchMagicError(
+            f"{type(model).__name__} is a TorchScript module: its forward runs inside TorchScript, "
+            "where per-module shapes and FLOPs cannot be followed; summarize the Python nn.Module "
+            "it was made from (before torch.jit.script/trace), or give no inputs to list its "
+            "parameters")
+    if (inputs or input_size is not None) and \
+            getattr(type(model).forward, "__name__", "") == "_forward_unimplemented":
+        raise TorchMagicError(
+            f"{type(model).__name__} has no forward (a container): give no inputs to list its "
+            "parameters, or summarize the model that calls its modules")
     if mode not in MODES:
         raise TorchMagicError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     cols = parse_columns(columns)
@@ -436,6 +490,8 @@ def summary(
         param_bytes_by_dtype=by_dtype, buffer_bytes=buffer_bytes, depth=depth, mode=mode,
         columns=cols or list(DEFAULT_COLUMNS), explicit_columns=cols is not None,
     )
+    if wrapper_note:
+        result.notes.append(wrapper_note)
     for row in result.rows:
         if row.tied:
             result.notes.append(f"{row.name}: {'; '.join(row.tied)} (counted once)")
@@ -501,7 +557,8 @@ def summary(
 
     # -- forward --
     run = _forward(run_model, model, is_twin, mode, args, kwargs)
-    _fill_rows(result, rows, run, args, kwargs)
+    _fill_rows(result, rows, run, args, kwargs,
+               {p for p, m in modules if isinstance(m, nn.MultiheadAttention)})
     if run.error is not None:
         failing = run.tracer.failing_call
         from torchmagic.core.tracing import describe_failure
@@ -509,6 +566,8 @@ def summary(
         msg = describe_failure(failing, run.error,
                                run.tracer.module_of(failing) if failing is not None else None)
         low = str(run.error).lower()
+        msg += _failure_hint(run, low, input_size is not None and dtypes is None,
+                             len(inputs) == 1 and type(inputs[0]) in (tuple, list))
         if meta and any(h in low for h in _META_HINTS):
             msg += (" (on the meta device tensors have shapes but no values: a forward that reads"
                     " values or mixes devices cannot run with --meta; run without it)")
@@ -528,7 +587,8 @@ def summary(
 
 
 def _fill_rows(result: ModelSummary, rows: dict[str, SummaryRow], run: _Run,
-               args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+               args: tuple[Any, ...], kwargs: dict[str, Any],
+               used_inside: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     from torchmagic.core.tracing import tensor_shapes
 
     tracer, counter = run.tracer, run.counter
@@ -540,11 +600,12 @@ def _fill_rows(result: ModelSummary, rows: dict[str, SummaryRow], run: _Run,
     failing = tracer.failing_call
     running = set(tracer.stack)
     act = 0
+    callers = {c.parent for c in calls if c.parent is not None}
     for call in calls:
-        if call.finished:
-            mod = tracer.module_of(call)
-            if mod is not None and id(mod) in run.leaf_ids:
-                act += call.output_bytes
+        if call.finished and call.index not in callers:
+            # a call that makes no module call itself (a leaf module, or a module such as
+            # nn.MultiheadAttention that uses its submodules' weights directly)
+            act += call.output_bytes
         row = rows.get(call.path)
         if row is None:
             continue
@@ -597,9 +658,20 @@ def _fill_rows(result: ModelSummary, rows: dict[str, SummaryRow], run: _Run,
     if run.error is not None:
         result.rows = [r for r in result.rows if r.calls or r.path in containers]
     else:
+        inside = []
         for r in result.rows:
             if not r.calls and r.path not in containers:
-                r.status = "not called"
+                parent = rows.get(r.path.rpartition(".")[0]) if r.path else None
+                if parent is not None and parent.calls and parent.path in used_inside:
+                    r.status = "in parent"
+                    inside.append(r.name)
+                else:
+                    r.status = "not called"
+        if inside:
+            result.notes.append(
+                f"{', '.join(inside[:3])}{' ...' if len(inside) > 3 else ''}: weights used "
+                "directly by the parent's forward (nn.MultiheadAttention), not called as a module; "
+                "their FLOPs are in the parent's row")
     if any(r.analytic_flops for r in result.rows):
         result.notes.append("recurrent modules (LSTM/GRU/RNN): FLOPs are the analytic matmul count")
 
@@ -608,6 +680,10 @@ def _fill_rows(result: ModelSummary, rows: dict[str, SummaryRow], run: _Run,
 _TORCHINFO_COLUMNS = {"input": "input_size", "output": "output_size", "params": "num_params",
                       "percent": "params_percent", "macs": "mult_adds", "flops": "mult_adds",
                       "kernel": "kernel_size", "trainable": "trainable"}
+
+
+_TORCHINFO_ORDER = ("input_size", "output_size", "num_params", "params_percent", "kernel_size",
+                    "mult_adds", "trainable")
 
 
 def _shared_twin(model: nn.Module) -> nn.Module:
@@ -646,6 +722,14 @@ def _torchinfo_table(model: nn.Module, args: tuple[Any, ...] | None, kwargs: dic
             col_names.append(name)
     if not col_names:
         col_names = ["num_params"]
+    # torchinfo's layer column is 40 wide and each column col_width + 1: keep the table within
+    # 100 characters (the 4 columns most worth comparing when more were asked for)
+    if len(col_names) > 4:
+        prefer = ["input_size", "output_size", "num_params", "mult_adds", "params_percent",
+                  "trainable", "kernel_size"]
+        col_names = sorted(col_names, key=prefer.index)[:4]
+        col_names = [c for c in _TORCHINFO_ORDER if c in col_names]
+    col_width = max(10, min(25, (100 - 40) // len(col_names) - 1))
     ti_mode = mode if mode != "same" else ("train" if model.training else "eval")
     cache = ti._cached_forward_pass
     key = type(model).__name__
@@ -669,7 +753,7 @@ def _torchinfo_table(model: nn.Module, args: tuple[Any, ...] | None, kwargs: dic
                 call_kwargs = kwargs
             stats = torchinfo.summary(copy, input_data=data, depth=depth, col_names=col_names,
                                       mode=ti_mode, device=device, verbose=0,
-                                      row_settings=["var_names"], col_width=16,
+                                      row_settings=["var_names"], col_width=col_width,
                                       **call_kwargs)
             text = str(stats)
     except Exception as exc:  # noqa: BLE001 - torchinfo's own failure is reported, not raised

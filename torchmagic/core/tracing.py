@@ -19,9 +19,32 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 
+def _tensor_leaves(obj: Any, depth: int = 0) -> list[Any]:
+    """Leaves of ``tree_flatten``, with dataclass instances and dict/list/tuple subclasses that
+    pytree does not know (a model returning ``@dataclass Output(logits=...)``) opened too."""
+    import dataclasses
+    from collections.abc import Mapping
+
+    out: list[Any] = []
+    for leaf in tree_flatten(obj)[0]:
+        if depth < 6 and not isinstance(leaf, torch.Tensor):
+            if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+                out.extend(_tensor_leaves([getattr(leaf, f.name, None)
+                                           for f in dataclasses.fields(leaf)], depth + 1))
+                continue
+            if isinstance(leaf, Mapping):
+                out.extend(_tensor_leaves(list(leaf.values()), depth + 1))
+                continue
+            if isinstance(leaf, (list, tuple)):
+                out.extend(_tensor_leaves(list(leaf), depth + 1))
+                continue
+        out.append(leaf)
+    return out
+
+
 def tensor_shapes(obj: Any) -> list[tuple[int, ...]]:
     """Shapes of every tensor found in a nested structure (tuple/list/dict/dataclass-like)."""
-    leaves, _ = tree_flatten(obj)
+    leaves = _tensor_leaves(obj)
     return [tuple(int(s) if not isinstance(s, torch.SymInt) else s for s in t.shape)
             for t in leaves if isinstance(t, torch.Tensor)]
 
@@ -40,7 +63,7 @@ def format_shapes(shapes: list[tuple[Any, ...]]) -> str:
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in a nested structure (each distinct tensor once)."""
-    leaves, _ = tree_flatten(obj)
+    leaves = _tensor_leaves(obj)
     seen: set[int] = set()
     total = 0
     for t in leaves:

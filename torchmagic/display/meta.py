@@ -69,7 +69,7 @@ def _values_table(r: Any) -> Table:
         headers.pop()
         rows = [row[:-1] for row in rows]
     return Table(headers=headers, rows=rows, align=["r", "l", "l", "l", "l", "l", "l"],
-                 title="values")
+                 title="values", clip_middle=[1])
 
 
 def _label(row: Any, parent_path: str | None) -> str:
@@ -115,7 +115,8 @@ def _calls_table(r: Any) -> Table:
     title = (f"module calls (depth {r.depth}; {r.total_calls:,} call{plural}"
              + (", repeated blocks folded" if folded else "") + ")")
     return Table(headers=["module", "class", "input", "output", "line"], rows=rows,
-                 align=["l", "l", "l", "l", "r"], title=title, indent=indent, row_css=css)
+                 align=["l", "l", "l", "l", "r"], title=title, indent=indent, row_css=css,
+                 clip_middle=[0])
 
 
 def _wrap(text: str, prefix: str = "") -> list[str]:

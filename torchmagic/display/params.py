@@ -63,7 +63,7 @@ def table(r: Any, compact: bool = False) -> Table:
         if notes_col:
             cells.append("; ".join(row.tied))
         rows.append(cells)
-    return Table(headers=headers, rows=rows, align=align, title=title(r))
+    return Table(headers=headers, rows=rows, align=align, title=title(r), clip_middle=[0])
 
 
 def summary_lines(r: Any) -> list[tuple[str, str, str | None]]:

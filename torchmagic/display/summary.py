@@ -82,27 +82,41 @@ def _note(row: Any) -> str:
         parts.append("forward failed here")
     elif row.status == "not called":
         parts.append("not called")
+    elif row.status == "in parent":
+        parts.append("weights used by the parent's forward (FLOPs there)")
     if row.analytic_flops:
         parts.append("analytic FLOPs")
     return "; ".join(parts)
 
 
-def _inputs_desc(s: Any) -> str:
+def _inputs_desc(s: Any, compact: bool = False) -> str:
     if not s.ran_forward and not s.input_shapes:
         return "no inputs: parameters only"
-    shapes = format_shapes(s.input_shapes)
+    shapes = _shapes(s.input_shapes, compact)
     dts = sorted(set(s.input_dtypes))
     return f"input {shapes} {'/'.join(dts)}".rstrip()
 
 
-def title(s: Any) -> str:
-    bits = [_inputs_desc(s)]
-    if s.ran_forward:
-        bits.append(f"mode {s.mode}")
-        if s.device:
-            bits.append(f"on {s.device}")
-    bits.append(f"depth {s.depth}")
-    return f"{s.model_class} summary ({', '.join(bits)})"
+def title(s: Any, width: int = 100) -> str:
+    """``GPT summary (input (2, 128) int64, mode same, on cpu, depth 3)``, within ``width``
+    characters (shapes compacted, then the input list cut with "…")."""
+    def build(inputs: str) -> str:
+        bits = [inputs]
+        if s.ran_forward:
+            bits.append(f"mode {s.mode}")
+            if s.device:
+                bits.append(f"on {s.device}")
+        bits.append(f"depth {s.depth}")
+        return f"{s.model_class} summary ({', '.join(bits)})"
+
+    out = build(_inputs_desc(s))
+    if len(out) > width:
+        out = build(_inputs_desc(s, compact=True))
+    if len(out) > width:
+        inputs = _inputs_desc(s, compact=True)
+        cut = max(10, len(inputs) - (len(out) - width) - 1)
+        out = build(inputs[:cut].rstrip(", ") + "…")
+    return out
 
 
 def table(s: Any, compact: bool = False) -> Table:
@@ -121,8 +135,9 @@ def table(s: Any, compact: bool = False) -> Table:
             cells.append(_note(r))
         rows.append(cells)
         css.append("tm-bad" if r.status == "failed" else
-                   "tm-muted" if r.status == "not called" else None)
-    return Table(headers=headers, rows=rows, align=align, title=title(s), row_css=css)
+                   "tm-muted" if r.status in ("not called", "in parent") else None)
+    return Table(headers=headers, rows=rows, align=align, title=title(s), row_css=css,
+                 clip_middle=[0])
 
 
 def totals(s: Any) -> list[tuple[str, Cell]]:

@@ -66,6 +66,8 @@ class Table:
     notes: list[str] = field(default_factory=list)
     indent: list[int] | None = None  # per row: indentation level of the first column
     row_css: list[str | None] | None = None
+    # columns cut in the middle when too wide (module paths: both ends tell rows apart)
+    clip_middle: list[int] | None = None
 
     def _align(self, i: int) -> str:
         return (self.align or [])[i] if self.align and i < len(self.align) else "l"
@@ -91,14 +93,20 @@ class Table:
             j = max(cand, key=lambda i: widths[i])
             widths[j] -= 1
 
-        def fit(s: str, w: int, a: str) -> str:
+        middle = set(self.clip_middle or ())
+
+        def fit(s: str, w: int, a: str, mid: bool = False) -> str:
             if len(s) > w:
-                s = s[: max(w - 1, 0)] + "…"
+                if mid and w >= 8:
+                    head = (w - 1) // 3
+                    s = s[:head] + "…" + s[len(s) - (w - 1 - head):]
+                else:
+                    s = s[: max(w - 1, 0)] + "…"
             return s.rjust(w) if a == "r" else s.ljust(w)
 
-        def line(row: list[str]) -> str:
-            parts = [fit(row[i] if i < len(row) else "", widths[i], self._align(i))
-                     for i in range(ncol)]
+        def line(row: list[str], mid: bool = True) -> str:
+            parts = [fit(row[i] if i < len(row) else "", widths[i], self._align(i),
+                         mid and i in middle) for i in range(ncol)]
             return (" " * sep).join(parts).rstrip()
 
         total = min(width, sum(widths) + sep * (ncol - 1))
@@ -106,7 +114,7 @@ class Table:
         if self.title:
             out.append(self.title)
         out.append("=" * total)
-        out.append(line(self.headers))
+        out.append(line(self.headers, mid=False))
         out.append("-" * total)
         out.extend(line(r) for r in cells)
         out.append("=" * total)

@@ -41,6 +41,12 @@ def _as_shapes(value: Any) -> list[tuple[int, ...]] | None:
     return None
 
 
+def _numbers(value: Any) -> bool:
+    """A plain tuple/list of numbers (``1e9,3,32,32``): meant as a shape, not as tensors."""
+    return type(value) in (tuple, list) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
 @magics_class
 class SummaryMagics(TorchMagics):
     """``%summary`` and ``%params``."""
@@ -58,6 +64,9 @@ class SummaryMagics(TorchMagics):
                                           "like (1,3,32,32), or several: (1,10) (1,5)")
                 value = self.evaluate(tok, "input")
                 lit = _as_shapes(value)
+                if lit is None and _numbers(value):
+                    raise TorchMagicError(f"input shape {tok!r} gives {value!r}: sizes must be "
+                                          "whole numbers, like (1,3,32,32)")
             if lit is not None:
                 shapes.extend(lit)
             else:
