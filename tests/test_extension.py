@@ -8,6 +8,8 @@ import sys
 from collections import Counter
 from typing import Any
 
+import pytest
+
 import torchmagic
 from torchmagic.magics import magic_modules
 
@@ -101,3 +103,21 @@ def test_import_and_load_are_lazy() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_option_errors_name_the_magic_and_show_usage(ip: Any) -> None:
+    from IPython.core.error import UsageError
+
+    cases = [("summary", "m --frob", None, "%summary: unrecognized arguments: --frob (usage: %summary "),
+             ("meta_shape", "--nope", "x = 1", "%%meta_shape: unrecognized arguments: --nope "
+              "(usage: %%meta_shape "),
+             ("tensor", "", None, "%tensor: the following arguments are required: EXPR")]
+    for name, line, cell, start in cases:
+        with pytest.raises(UsageError) as info:
+            if cell is None:
+                ip.run_line_magic(name, line)
+            else:
+                ip.run_cell_magic(name, line, cell)
+        msg = str(info.value)
+        assert msg.startswith(start), msg
+        assert "\n" not in msg

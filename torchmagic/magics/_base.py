@@ -95,10 +95,19 @@ def parse(magic_func: Any, line: str) -> Any:
     """Parse ``line`` with the ``magic_arguments`` parser of ``magic_func`` (bracket-aware split)."""
     tokens = split_args(line)
     parser = magic_func.parser
+    owner = getattr(magic_func, "__self__", None)
+    table = getattr(owner, "magics", {})
+    cell_only = parser.prog in table.get("cell", {}) and parser.prog not in table.get("line", {})
+    name = ("%%" if cell_only else "%") + parser.prog
     try:
         return parser.parse_args(tokens)
     except SystemExit as exc:  # -h/--help printed the usage; nothing more to do
-        raise UsageError(f"{parser.prog}: see the usage above") from exc
+        raise UsageError(f"{name}: see the usage above") from exc
+    except UsageError as exc:  # argparse's own message: name the magic and show the usage
+        # IPython's formatter renders "usage: :: %name [options] ARGS"
+        usage = one_line(parser.format_usage()).removeprefix("usage:").strip().removeprefix("::")
+        usage = usage.strip().replace("%" + parser.prog, name, 1)
+        raise UsageError(f"{name}: {one_line(str(exc))} (usage: {usage})") from None
 
 
 # -- errors ------------------------------------------------------------------------------------
