@@ -27,7 +27,9 @@ def cells(text: str) -> list[tuple[str, bool]]:
             cur.append(line)
     if "".join(cur).strip():
         out.append(("\n".join(cur).strip("\n"), expect_error))
-    return out
+    # A block of comments only (the file's header) is not a cell.
+    return [(src, e) for src, e in out
+            if any(line.strip() and not line.lstrip().startswith("#") for line in src.splitlines())]
 
 
 def main(path: Path = HERE / "tour.ipy", markdown: bool = False) -> int:
