@@ -234,3 +234,21 @@ def test_cuda_default_device_and_dtype(ip):
     assert value == (low, torch.float32)
     assert shown.startswith(f"autocast cuda {str(low).replace('torch.', '')}")
     assert not torch.is_autocast_enabled("cuda")
+
+
+def test_report_counts_floating_ops_and_names_a_nested_dtype(ip):
+    """BatchNorm's integer num_batches_tracked update is not an op autocast could lower: the
+    share is over floating-point ops. A nested autocast with another dtype is named, and every
+    line fits 100 columns."""
+    from torchmagic.models import SmallCNN
+
+    ip.user_ns.update(cnn=SmallCNN(), x=torch.randn(2, 3, 32, 32))
+    _, shown = run(ip, "amp --report", "y = cnn(x)")
+    rep_line = shown.splitlines()[0]
+    # SmallCNN: 2 conv, 2 bn, 3 relu, 2 pool, 2 linear = 11 floating ops (+2 int64 add_)
+    assert "11 of 11 floating-point forward ops in bfloat16 (100.0%)" in rep_line, shown
+    _, shown = run(ip, "amp --report",
+                   "with torch.autocast('cpu', dtype=torch.float16):\n    y = cnn(x)")
+    assert "0 of 11 floating-point" in shown and "11 in float16 (a" in shown
+    assert "nested autocast or explicit cast" in " ".join(shown.split())
+    assert all(len(line) <= 100 for line in shown.splitlines()), shown

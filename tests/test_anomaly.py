@@ -150,7 +150,8 @@ def test_attention_mask_is_not_an_anomaly_but_fully_masked_row_is(ip):
     _, shown = run(ip, "detect_anomaly",
                    "mask = torch.full((4, 4), float('-inf')).triu(1)\np = torch.softmax(att + mask, -1)")
     assert shown.startswith("no NaN/Inf in forward or backward")
-    assert "1 explicit ±inf mask op ignored" in shown
+    assert "1 ±inf mask ignored" in shown
+    assert all(len(line) <= 100 for line in shown.splitlines())
     _, shown = run(ip, "detect_anomaly",
                    "m = att.masked_fill(torch.ones(4, 4, dtype=torch.bool), float('-inf'))\n"
                    "p = torch.softmax(m, -1)")
@@ -341,3 +342,19 @@ def test_cuda_forward_origin_is_found(ip):
     assert "in mlp.2 at cell line 1" in shown
     rep = find_anomaly(lambda: ip.user_ns["mlp"](ip.user_ns["x"]), namespace=ip.user_ns)
     assert rep.origin.module_path == "mlp.2" and rep.device == "cuda"
+
+
+def test_clean_verdict_fits_100_columns_with_masks_and_backward(ip):
+    """The one-line verdict of a realistic masked-attention training step stays within 100
+    columns and counts in the singular where it should."""
+    ip.user_ns["q"] = torch.randn(2, 4, 8, 8, requires_grad=True)
+    _, shown = run(ip, "detect_anomaly",
+                   "att = q @ q.transpose(-1, -2)\n"
+                   "att = att.masked_fill(~torch.tril(torch.ones(8, 8)).bool(), float('-inf'))\n"
+                   "att.softmax(-1).sum().backward()")
+    assert shown.startswith("no NaN/Inf in forward or backward (checked ")
+    assert "1 ±inf mask ignored" in shown
+    assert all(len(line) <= 100 for line in shown.splitlines()), shown
+    ip.user_ns["x"] = torch.ones(3)
+    _, shown = run(ip, "detect_anomaly", "y = x + 1")
+    assert "checked 1 forward op;" in shown

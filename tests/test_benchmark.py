@@ -128,9 +128,11 @@ def test_bad_inputs(ip):
     assert "empty" in usage_error(ip, "benchmark", "   \n")
     assert "not valid Python" in usage_error(ip, "benchmark", "x = (")
     assert "argument -n" in usage_error(ip, "benchmark -n lots", "1 + 1")
-    msg = usage_error(ip, "benchmark -n 2", "y = model(torch.ones(2, 5))")
-    assert msg.startswith("%benchmark: the cell raised RuntimeError at line 1")
-    assert "model.0 (Linear): got input (2, 5)" in msg
+    # The user's own exception comes back unchanged, with a note naming the failing module.
+    with pytest.raises(RuntimeError) as info:
+        run(ip, "benchmark -n 2", "y = model(torch.ones(2, 5))")
+    assert "mat1 and mat2 shapes cannot be multiplied" in str(info.value)
+    assert any("model.0 (Linear) with input (2, 5)" in n for n in info.value.__notes__)
 
 
 def _state_cell_setup(ip):
@@ -153,8 +155,9 @@ def test_state_invariants_exception(ip):
     model, x = _state_cell_setup(ip)
     snap = Snapshot.take(model, x=x)
     threads = torch.get_num_threads()
-    usage_error(ip, "benchmark -n 3 --threads 1",
-                "torch.randn(2)\ntorch.set_default_dtype(torch.float64)\n1 / 0")
+    with pytest.raises(ZeroDivisionError, match="^division by zero$"):
+        run(ip, "benchmark -n 3 --threads 1",
+            "torch.randn(2)\ntorch.set_default_dtype(torch.float64)\n1 / 0")
     snap.assert_unchanged()
     assert torch.get_num_threads() == threads and torch.get_default_dtype() == torch.float32
 
@@ -183,3 +186,20 @@ def test_plain_python_and_renderers():
     assert view.widget(r).value == view.html(r)
     assert all(len(line) <= 100 for line in str(r).splitlines())
     assert view.human_time(0.01003) == "10.0 ms" and view.human_time(2.5e-6) == "2.50 us"
+
+
+def test_user_exception_and_bad_output_through_run_cell(ip):
+    """What a notebook user sees: their own exception (not a UsageError), and a bad -o refused
+    before the cell runs (its side effects do not happen)."""
+    ip.user_ns["calls"] = []
+    r = ip.run_cell("%%benchmark -n 2\nraise KeyError('mine')")
+    assert type(r.error_in_exec) is KeyError and r.error_in_exec.args == ("mine",)
+    r = ip.run_cell("%%benchmark -n 2 -o 1bad\ncalls.append(1)")
+    assert type(r.error_in_exec) is UsageError and "-o needs a variable name" in str(r.error_in_exec)
+    assert ip.user_ns["calls"] == []
+    r = ip.run_cell("%benchmark -n 2 raise_it = 1 / 0")
+    assert type(r.error_in_exec) is ZeroDivisionError
+
+
+def test_comment_only_cell_is_refused(ip):
+    assert "only comments" in usage_error(ip, "benchmark -n 2", "# nothing to time\n")

@@ -466,3 +466,48 @@ def test_widget_and_html(tmp_path):
     except CheckpointMismatch as exc:
         html = exc.report._repr_html_()
         assert "<table" in html and "unexpected" in html
+
+
+def test_garbage_file_is_not_called_a_dangerous_pickle(ip, tmp_path):
+    """A text file is 'not a checkpoint', not 'a pickle that could run code' (which would send the
+    user to --unsafe for nothing)."""
+    ip.user_ns["model"] = other()
+    (tmp_path / "junk.pt").write_text("garbage")
+    msg = usage_error(ip, f"checkpoint load model {tmp_path / 'junk.pt'}")
+    assert "is not a torch.save checkpoint" in msg and "--unsafe" not in msg, msg
+
+
+def test_bad_output_name_is_refused_before_writing_or_loading(ip, tmp_path):
+    path = tmp_path / "c.pt"
+    model = other()
+    ip.user_ns["model"] = model
+    r = ip.run_cell(f"%checkpoint save model {path} -o 1bad")
+    assert type(r.error_in_exec) is UsageError and not path.exists()
+    save_checkpoint(small(), path)
+    snap = Snapshot.take(model)
+    r = ip.run_cell(f"%checkpoint load model {path} -o 1bad")
+    assert type(r.error_in_exec) is UsageError and "-o needs a variable name" in str(r.error_in_exec)
+    snap.assert_unchanged()
+
+
+def test_short_one_line_messages(ip, tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({f"entry{i}": i for i in range(30)}, path)
+    ip.user_ns["model"] = other()
+    msg = usage_error(ip, f"checkpoint load model {path} --key nope")
+    assert "entry0, entry1" in msg and "(24 more)" in msg and len(msg.split(" its keys")[1]) < 80
+    msg = usage_error(ip, f"checkpoint load model {path} --map-location nope")
+    assert "privateuseone" not in msg and "such as cpu, cuda" in msg and len(msg) <= 100, msg
+
+
+def test_checkpoint_of_a_submodule_is_recognised(ip, tmp_path):
+    """A file saved from model.features does not match the whole model: the refusal says which
+    part of the model it belongs to."""
+    src, dst = nn.Sequential(small(), nn.Linear(2, 2)), nn.Sequential(other(), nn.Linear(2, 2))
+    path = tmp_path / "part.pt"
+    save_checkpoint(src[0], path)
+    ip.user_ns["dst"] = dst
+    msg = usage_error(ip, f"checkpoint load dst {path}")
+    assert "the file holds dst[0] only, so load it into dst[0]" in msg, msg
+    run(ip, f"checkpoint load dst[0] {path}")
+    assert same_values(src[0], dst[0])

@@ -237,3 +237,35 @@ def test_plain_python() -> None:
     d = r.to_dict()
     assert d["changed_params"] == 4 and d["action"] == "freeze"
     assert torchmagic.unfreeze(m, name="cnn").changed_params == 4
+
+
+def test_bad_output_name_changes_nothing(ip):
+    """-o is checked before requires_grad changes: a refused magic leaves the model as it was."""
+    m = SmallCNN()
+    ip.user_ns["m"] = m
+    r = ip.run_cell("%freeze m -o 1bad")
+    assert type(r.error_in_exec) is UsageError
+    assert "-o needs a variable name" in str(r.error_in_exec)
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_tied_weights_are_named(ip):
+    """lm_head.weight is wte.weight in GPT: freezing one name freezes both, and the report says
+    so (and lists both modules); --except on one name keeps the tensor as it was."""
+    from torchmagic.models import GPT
+
+    gpt = GPT()
+    ip.user_ns["gpt"] = gpt
+    _, shown = run(ip, "freeze gpt.lm_head -o r")
+    r = ip.user_ns["r"]
+    assert not gpt.wte.weight.requires_grad and gpt.lm_head.weight is gpt.wte.weight
+    assert r.changed_params == 1 and r.changed_modules == ["wte", "lm_head"]
+    assert r.tied_changed == [["wte.weight", "lm_head.weight"]]
+    assert "wte.weight = lm_head.weight is one tensor (frozen under every name)" in shown
+    assert "froze 1 parameter (" in shown and "in 2 modules" in shown
+    run(ip, "unfreeze gpt")
+    _, shown = run(ip, "freeze gpt --except lm_head -o r")
+    assert gpt.wte.weight.requires_grad
+    assert ip.user_ns["r"].tied_kept == [["wte.weight", "lm_head.weight"]]
+    assert "left as it was: one of its names is under --except" in " ".join(shown.split())
+    assert all(len(line) <= 100 for line in shown.splitlines())

@@ -108,8 +108,12 @@ def test_failing_cell_names_module_and_restores(ip):
     fd_before = os.fstat(2).st_ino
     model = nn.Sequential(nn.Linear(4, 3))
     ip.user_ns["model"] = model
-    msg = usage_error(ip, "profile", "y = model(torch.ones(2, 5))")
-    assert "at line 1" in msg and "model.0 (Linear): got input (2, 5)" in msg
+    # The user's own exception comes back unchanged (type, message, traceback), like a plain
+    # cell; a note names the module that was running and its input shapes.
+    with pytest.raises(RuntimeError) as info:
+        run(ip, "profile", "y = model(torch.ones(2, 5))")
+    assert "mat1 and mat2 shapes cannot be multiplied" in str(info.value)
+    assert any("model.0 (Linear) with input (2, 5)" in n for n in info.value.__notes__)
     assert profiler_off() and os.fstat(2).st_ino == fd_before
     run(ip, "profile", "model(torch.ones(2, 4))")  # a second profile works
 
@@ -135,8 +139,10 @@ def test_state_invariants_success_and_exception(ip):
     snap = Snapshot.take(model, x=x)
     run(ip, "profile --memory", "y = model(x)")
     snap.assert_unchanged()
-    usage_error(ip, "profile", "y = model(x)\nraise ValueError('boom')")
+    with pytest.raises(ValueError, match="^boom$"):
+        run(ip, "profile", "y = model(x)\nraise ValueError('boom')")
     snap.assert_unchanged()
+    assert profiler_off()
 
 
 def test_warmup_runs_first(ip):
@@ -165,3 +171,27 @@ def test_cuda_activity(ip):
     p = ip.user_ns["p"]
     assert p.cuda and p.sort == "self_device" and p.self_device_total > 0
     assert "self CUDA" in shown
+
+
+def test_user_exception_and_bad_output_through_run_cell(ip):
+    """A failing cell re-raises the user's exception unchanged; a bad -o is refused before the
+    cell runs; the profiler and fd 2 are restored either way."""
+    ip.user_ns["calls"] = []
+    r = ip.run_cell("%%profile\nraise KeyError('mine')")
+    assert type(r.error_in_exec) is KeyError and r.error_in_exec.args == ("mine",)
+    assert profiler_off()
+    r = ip.run_cell("%%profile -o 1bad\ncalls.append(1)")
+    assert type(r.error_in_exec) is UsageError and "-o needs a variable name" in str(r.error_in_exec)
+    assert ip.user_ns["calls"] == []
+
+
+def test_profiler_inside_the_cell_is_explained(ip):
+    """A torch.profiler opened in the cell steals the events: say so instead of 'no op ran'."""
+    ip.user_ns.update(model=nn.Linear(4, 4), x=torch.ones(2, 4))
+    _, shown = run(ip, "profile", "with torch.profiler.profile():\n    model(x)")
+    assert "profilers do not nest" in shown and "no torch operator ran" not in shown
+    assert profiler_off()
+
+
+def test_comment_only_cell_is_refused(ip):
+    assert "only comments" in usage_error(ip, "profile", "# nothing here\n")

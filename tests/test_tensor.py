@@ -385,3 +385,32 @@ def test_plain_python_use() -> None:
     assert d["shape"] == [3, 4][:0] + [12] and d["stats"]["finite"] == 12
     assert "tensor v" in str(info)
     assert "x" in str(torchmagic.tensors({"x": x, "v": v}))
+
+
+def test_nested_float8_and_sparse_tensors(ip):
+    """Tensors that used to crash %tensor / %tensors with torch's internal errors: nested
+    (strided and jagged), float8 (no isnan kernel), and sparse (bytes are indices + values)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors are a prototype: torch warns
+        n = torch.nested.nested_tensor([torch.randn(2), torch.randn(3)])
+        j = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)], layout=torch.jagged)
+    f8 = torch.tensor([1.0, -2.0, 0.0, 448.0]).to(torch.float8_e4m3fn)
+    f8n = torch.tensor([1.0, float("nan")]).to(torch.float8_e5m2)
+    sp = torch.eye(10).to_sparse()
+    ip.user_ns.update(n=n, j=j, f8=f8, f8n=f8n, sp=sp)
+    _, shown = run(ip, "tensor n j")
+    assert "(2, ragged)" in shown and "(2, j1, 4)" in shown and "nested tensor" in shown
+    run(ip, "tensor f8 f8n -o r")
+    a, b = ip.user_ns["r"].items
+    ref = f8.float()
+    assert (a.stats.min, a.stats.max, a.stats.zeros) == (-2.0, 448.0, 1)
+    assert a.stats.mean == pytest.approx(float(ref.mean()))
+    assert b.stats.nan == 1 and b.stats.finite == 1
+    run(ip, "tensor sp -o s")
+    assert ip.user_ns["s"].items[0].nbytes == sp._indices().nbytes + sp._values().nbytes
+    _, shown = run(ip, "tensors -o t")
+    rows = {r.name: r for r in ip.user_ns["t"].rows}
+    assert rows["n"].flag == "?" and rows["f8n"].flag == "NaN" and rows["f8"].flag is None
+    assert all(len(line) <= 100 for line in shown.splitlines())
+    r = ip.run_cell("%tensor torch.randn(2).to(torch.float8_e4m3fn)")
+    assert r.error_in_exec is None

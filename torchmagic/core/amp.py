@@ -41,6 +41,8 @@ _DTYPES = {
 _FULL = {"fp32", "float32", "float", "torch.float32", "torch.float", "fp64", "float64", "double",
          "torch.float64", "torch.double", "tf32"}
 SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_FLOAT_NAMES = {"float16", "bfloat16", "float32", "float64", "complex32", "complex64",
+                "complex128", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"}
 
 # Ops autocast runs in lower precision (CPU and CUDA lists, after decomposition to aten).
 LOW_PRECISION_OPS = {
@@ -79,7 +81,8 @@ _REASONS = {
     "loss": "loss: autocast computes losses in float32",
     "math": "range-sensitive math or reduction: on autocast's float32 list",
     "follows": "not an autocast op: runs in its inputs' dtype (float32, or float32 + low -> float32)",
-    "unexpected": "UNEXPECTED: autocast runs this in low precision; inputs on another device type?",
+    "unexpected": "UNEXPECTED: a low-precision op stayed float32 (autocast off in the cell? "
+                  "inputs elsewhere?)",
 }
 
 GRADSCALER_PATTERN = (
@@ -287,6 +290,19 @@ class AmpReport(Result):
     @property
     def low_precision_ops(self) -> int:
         return self.by_dtype.get(self.dtype, 0)
+
+    @property
+    def floating_ops(self) -> int:
+        """Forward ops whose first output is floating point (integer bookkeeping left out, e.g.
+        BatchNorm's ``num_batches_tracked += 1`` or ``arange`` positions)."""
+        return sum(n for dt, n in self.by_dtype.items() if dt in _FLOAT_NAMES)
+
+    @property
+    def other_low_precision(self) -> dict[str, int]:
+        """Ops in a low-precision dtype other than the requested one (a nested autocast with
+        another dtype, or explicit casts such as ``.half()`` in the code)."""
+        return {dt: n for dt, n in self.by_dtype.items()
+                if dt in ("bfloat16", "float16") and dt != self.dtype}
 
 
 def _category(name: str) -> str:

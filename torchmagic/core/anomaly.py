@@ -186,15 +186,15 @@ class AnomalyReport(Result):
         if self.clean:
             halves = [h for h, on in (("forward", self.forward_checked),
                                       ("backward", self.backward_checked)) if on]
-            counts = f"checked {self.forward_ops} forward ops" if self.forward_checked else \
-                "forward not checked"
+            counts = f"checked {_ops(self.forward_ops, 'forward')}" if self.forward_checked \
+                else "forward not checked"
             if self.backward_checked:
-                counts += f", {self.backward_ops} backward ops" if self.backward_ops else \
+                counts += f", {_ops(self.backward_ops, 'backward')}" if self.backward_ops else \
                     "; no backward ran"
             else:
                 counts += "; backward not checked"
             if self.masks:
-                counts += f"; {self.masks} explicit ±inf mask op{'s' * (self.masks != 1)} ignored"
+                counts += f"; {self.masks} ±inf mask{'s' * (self.masks != 1)} ignored"
             return f"no NaN/Inf in {' or '.join(halves)} ({counts})"
         parts = []
         if self.origin is not None:
@@ -209,6 +209,10 @@ class AnomalyReport(Result):
             fl = b.cell_line or b.forward_line
             parts.append(f"backward {b.kind} in {b.node}" + (f" (from {fl.label()})" if fl else ""))
         return "; ".join(parts)
+
+
+def _ops(n: int, phase: str) -> str:
+    return f"{n:,} {phase} op{'s' * (n != 1)}"
 
 
 # -- locating user code -----------------------------------------------------------------------------

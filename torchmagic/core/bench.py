@@ -21,6 +21,7 @@ A failing cell raises :class:`ForwardError` naming the cell line and the module 
 
 from __future__ import annotations
 
+import ast
 import builtins
 import contextlib
 import time
@@ -149,10 +150,14 @@ def compile_code(code: str, label: str) -> CompiledCell:
     if not code.strip():
         raise TorchMagicError("the cell is empty: put the code to measure in the cell body")
     try:
-        return compile_cell(code, label)
+        cell = compile_cell(code, label)
     except SyntaxError as exc:
         raise TorchMagicError(f"the cell is not valid Python: {exc.msg} (line {exc.lineno})"
                               ) from None
+    if not ast.parse(code).body:
+        raise TorchMagicError("the cell has only comments: put the code to measure in the cell "
+                              "body")
+    return cell
 
 
 def cell_functions(cell: CompiledCell, namespace: dict[str, Any]) -> tuple[Callable[[], Any],

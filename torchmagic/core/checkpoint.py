@@ -335,16 +335,22 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
 def _read_error(path: str, exc: BaseException) -> TorchMagicError:
     """Turn what ``torch.load`` raised into one line the user can act on."""
     msg = " ".join(str(exc).split())
-    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in msg:
-        m = _GLOBAL_RE.search(msg)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    binary = head.startswith((b"PK", b"\x80"))  # torch.save's zip, or a protocol 2+ pickle
+    m = _GLOBAL_RE.search(msg)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in msg and \
+            (m or binary):
         what = f"needs {m.group(1)}" if m else "contains an object"
         return TorchMagicError(
             f"refused to load {path}: its pickle {what}, which weights_only=True blocks because "
             "unpickling it could run arbitrary code; nothing was loaded and the model is unchanged. "
             "If you trust the file, allow a harmless class with "
             "torch.serialization.add_safe_globals([...]) or load with --unsafe")
-    with open(path, "rb") as f:
-        head = f.read(4)
+    if not binary and "Weights only load failed" in msg:  # not a pickle at all: garbage
+        return TorchMagicError(f"{path} is not a torch.save checkpoint (it starts with {head!r}, "
+                               "not a zip archive or a pickle); nothing was loaded and the model "
+                               "is unchanged")
     if head.startswith(b"PK") and ("central directory" in msg or "PytorchStreamReader" in msg
                                    or isinstance(exc, (EOFError, zipfile.BadZipFile))):
         return TorchMagicError(
@@ -402,7 +408,7 @@ def _split(obj: Any, key: str | None, path: str) -> tuple[dict[str, Any], str | 
     if key is not None:
         if key not in obj:
             raise TorchMagicError(f"--key {key}: {path} has no such entry; its keys are "
-                                  f"{', '.join(keys[:12])}")
+                                  f"{_some(keys)}")
         if not _is_state_dict(obj[key]):
             raise TorchMagicError(f"--key {key}: that entry is a {type(obj[key]).__name__}, "
                                   "not a state dict of tensors")
@@ -413,11 +419,17 @@ def _split(obj: Any, key: str | None, path: str) -> tuple[dict[str, Any], str | 
             found = next((k for k in obj if isinstance(k, str) and _is_state_dict(obj[k])), None)
         if found is None:
             raise TorchMagicError(f"no state dict found in {path}: its keys are "
-                                  f"{', '.join(keys[:12])} (name the entry with --key)")
+                                  f"{_some(keys)} (name the entry with --key)")
     opt_key = next((k for k in OPTIMIZER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
     extras = {str(k): v for k, v in obj.items() if k not in (found, opt_key)}
     fmt = "dict: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
     return dict(obj[found]), found, (obj[opt_key] if opt_key else None), fmt, extras
+
+
+def _some(keys: list[str], n: int = 6) -> str:
+    """``"a, b, c, ... (12 more)"``: the first few keys, keeping a message on one short line."""
+    more = f", ... ({len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
 
 
 def _first_component(keys: list[str]) -> str | None:
@@ -448,6 +460,21 @@ def _prefix_fix(ckpt_keys: list[str], model_keys: list[str]) -> str | None:
         stripped = {k[len(prefix):] if k.startswith(prefix) else k for k in ckpt_keys}
         if len(model_set & stripped) > base:
             return f"--strip-prefix {prefix}"
+    sub = _submodule_prefix(ckpt_keys, model_keys)
+    return f"--add-prefix {sub}" if sub is not None and base < len(ckpt_keys) else None
+
+
+def _submodule_prefix(ckpt_keys: list[str], model_keys: list[str]) -> str | None:
+    """The submodule (``"features."``) whose keys every checkpoint key matches: the checkpoint
+    was saved from that part of the model (``model.features.state_dict()``). Shortest first."""
+    model_set = set(model_keys)
+    prefixes: set[str] = set()
+    for k in model_keys:
+        parts = k.split(".")[:-1]
+        prefixes.update(".".join(parts[:i]) + "." for i in range(1, len(parts) + 1))
+    for prefix in sorted(prefixes, key=lambda p: (p.count("."), p)):
+        if all(prefix + k in model_set for k in ckpt_keys):
+            return prefix
     return None
 
 
@@ -546,9 +573,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
     if map_location is not None:
         try:
             loc = torch.device(map_location)
-        except (RuntimeError, TypeError) as exc:
-            raise TorchMagicError(f"--map-location {map_location!r} is not a device ({exc}); "
-                                  "use cpu, cuda, cuda:1, mps ...") from None
+        except (RuntimeError, TypeError):
+            raise TorchMagicError(f"--map-location {map_location!r} is not a device; use a device "
+                                  "such as cpu, cuda, cuda:1 or mps") from None
         if loc.type == "cuda" and not torch.cuda.is_available():
             raise TorchMagicError(f"--map-location {map_location}: CUDA is not available here")
         if loc.type == "meta":
@@ -616,6 +643,11 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
             left = len(set(model_keys) - fixed) + len(fixed - set(model_keys))
             report.prefix_fix_effect = ("makes every key match" if not left
                                         else f"leaves {left} keys unmatched")
+            if left and flag == "--add-prefix" and fixed <= set(model_keys):
+                part = name + "".join(f"[{seg}]" if seg.isdigit() else f".{seg}"
+                                      for seg in prefix.rstrip(".").split("."))
+                report.prefix_fix_effect = (f"would match every checkpoint key: the file holds "
+                                            f"{part} only, so load it into {part}")
     if strict and report.problems:
         fix = (f"; {report.prefix_fix} {report.prefix_fix_effect}" if report.prefix_fix
                else "")

@@ -61,6 +61,10 @@ class FreezeReport(Result):
     batchnorm_training: int = 0
     optimizers: list[OptimizerNote] = field(default_factory=list)
     stale_grads: int = 0
+    # Tied weights (one tensor under several names, e.g. lm_head.weight = wte.weight): the names of
+    # each changed one, and of each one left alone because one of its names is under --except.
+    tied_changed: list[list[str]] = field(default_factory=list)
+    tied_kept: list[list[str]] = field(default_factory=list)
 
 
 def _path_segments(path: str) -> list[str]:
@@ -137,10 +141,21 @@ def _scope(model: nn.Module, path: str, name: str) -> tuple[list[nn.Parameter], 
     return [obj], []
 
 
-def _owners(model: nn.Module) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for pname, p in model.named_parameters():
-        out.setdefault(id(p), pname.rpartition(".")[0] or "(root)")
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """Every module holding each parameter (several for tied weights), in model order."""
+    out: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owner = pname.rpartition(".")[0] or "(root)"
+        names = out.setdefault(id(p), [])
+        if owner not in names:
+            names.append(owner)
+    return out
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(pname)
     return out
 
 
@@ -160,6 +175,7 @@ def set_requires_grad(model: nn.Module, paths: Sequence[str] = ("",), requires_g
             in_scope.setdefault(id(p), p)
         for m in mods:
             scope_modules.setdefault(id(m), m)
+    requested = dict(in_scope)
     for path in exclude:
         params, mods = _scope(model, path, name)
         for p in params:
@@ -194,9 +210,12 @@ def set_requires_grad(model: nn.Module, paths: Sequence[str] = ("",), requires_g
         raise
     mods: list[str] = []
     for p in targets:
-        owner = owners.get(id(p), "?")
-        if owner not in mods:
-            mods.append(owner)
+        for owner in owners.get(id(p), ["?"]):
+            if owner not in mods:
+                mods.append(owner)
+    aliases = _aliases(model)
+    tied_changed = [aliases[id(p)] for p in targets if len(aliases.get(id(p), ())) > 1]
+    tied_kept = [aliases[i] for i in requested if i not in in_scope and len(aliases.get(i, ())) > 1]
     label = [f"{name}.{p}" if p else name for p in paths]
     report = FreezeReport(
         action="unfreeze" if requires_grad else "freeze", model=name, targets=label,
@@ -208,6 +227,7 @@ def set_requires_grad(model: nn.Module, paths: Sequence[str] = ("",), requires_g
         trainable_params_after=sum(1 for p in all_params if p.requires_grad),
         trainable_before=before,
         trainable_after=sum(p.numel() for p in all_params if p.requires_grad),
+        tied_changed=tied_changed, tied_kept=tied_kept,
     )
     if not requires_grad:
         names = {id(m): n for n, m in model.named_modules()}

@@ -266,7 +266,12 @@ def profile(code: str | Callable[[], Any], namespace: dict[str, Any] | None = No
     elif not any(r.self_device for r in all_rows):
         notes.append("no CUDA kernel ran in the cell (its tensors are on the CPU?)")
     if not all_rows:
-        notes.append("no torch operator ran in the cell")
+        if isinstance(code, str) and "profile" in code:
+            notes.append("no torch operator was recorded: a torch.profiler started inside the cell "
+                         "takes the events over (profilers do not nest); remove it or profile "
+                         "without %%profile")
+        else:
+            notes.append("no torch operator ran in the cell")
     if warmup == 0:
         notes.append("one profiled run, one-time costs (lazy init, caches) included; --warmup 1 "
                      "profiles a steady-state run")

@@ -49,7 +49,44 @@ def values_unknown(t: torch.Tensor) -> str | None:
         return "fake tensor"
     if t.is_meta:
         return "meta tensor"
+    if t.is_nested:
+        return "nested tensor: statistics not computed"
     return None
+
+
+def shape_of(t: torch.Tensor) -> tuple[int | str, ...]:
+    """``tuple(t.shape)``, also for nested tensors, whose ragged dimensions are ``"ragged"`` (a
+    strided nested tensor has no ``.shape``; a jagged one has symbolic sizes like ``j1``)."""
+    try:
+        return tuple(s if isinstance(s, int) else str(s) for s in t.shape)
+    except RuntimeError:
+        out: list[int | str] = []
+        for d in range(t.dim()):
+            try:
+                out.append(int(t.size(d)))
+            except RuntimeError:
+                out.append("ragged")
+        return tuple(out)
+
+
+def nbytes_of(t: torch.Tensor) -> int:
+    """Bytes of element data ``t`` holds: for sparse layouts its indices and values, not the
+    dense size."""
+    try:
+        if t.layout == torch.sparse_coo:
+            return nbytes_of(t._indices()) + nbytes_of(t._values())
+        if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+            return sum(nbytes_of(x) for x in (t.crow_indices(), t.col_indices(), t.values()))
+        if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+            return sum(nbytes_of(x) for x in (t.ccol_indices(), t.row_indices(), t.values()))
+    except (RuntimeError, NotImplementedError):
+        pass
+    return t.numel() * t.element_size()
+
+
+def _stats_view(c: torch.Tensor) -> torch.Tensor:
+    """Float8 and other 1-byte floats have no isnan/isinf/comparison kernels: widen one chunk."""
+    return c.float() if c.is_floating_point() and c.element_size() == 1 else c
 
 
 def value_kind(t: torch.Tensor) -> str:
@@ -213,7 +250,7 @@ def tensor_stats(t: torch.Tensor) -> TensorStats | None:
         ext_dtype = acc if kind in ("float", "complex") else i64
         lo: torch.Tensor | None = None
         hi: torch.Tensor | None = None
-        for c in _chunks(x):
+        for c in map(_stats_view, _chunks(x)):
             if kind == "bool":
                 true = true + c.sum(dtype=i64)
                 continue
@@ -294,7 +331,7 @@ class TensorInfo(Result):
 
     name: str
     type_name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     dtype: str
     device: str
     layout: str
@@ -317,7 +354,7 @@ class TensorInfo(Result):
 
 
 def _shape_str(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')}[{', '.join(str(s) for s in t.shape)}]"
+    return f"{str(t.dtype).replace('torch.', '')}[{', '.join(str(s) for s in shape_of(t))}]"
 
 
 def named_tensors(namespace: Mapping[str, Any], *, members: bool = True
@@ -392,7 +429,7 @@ def tensor_info(t: torch.Tensor, name: str = "tensor",
     if not isinstance(t, torch.Tensor):
         raise TorchMagicError(f"{name} is a {type(t).__name__}, not a tensor")
     unknown = values_unknown(t)
-    strided = t.layout == torch.strided
+    strided = t.layout == torch.strided and not t.is_nested
     if unknown is None and not strided:
         unknown = f"{str(t.layout).replace('torch.', '')} layout"
     notes: list[str] = []
@@ -421,10 +458,11 @@ def tensor_info(t: torch.Tensor, name: str = "tensor",
     if t.is_quantized:
         unknown = unknown or "quantized tensor"
     info = TensorInfo(
-        name=name, type_name=type(t).__name__, shape=tuple(t.shape),
+        name=name, type_name=type(t).__name__, shape=shape_of(t),
         dtype=str(t.dtype).replace("torch.", ""), device=str(t.device),
-        layout=str(t.layout).replace("torch.", ""), numel=t.numel(),
-        nbytes=t.numel() * t.element_size(), requires_grad=t.requires_grad,
+        layout="nested" if t.is_nested and t.layout == torch.strided
+        else str(t.layout).replace("torch.", ""), numel=t.numel(),
+        nbytes=nbytes_of(t), requires_grad=t.requires_grad,
         grad_fn=None if t.grad_fn is None else type(t.grad_fn).__name__, is_leaf=t.is_leaf,
         grad=grad, stride=stride, contiguous=contiguous, memory_format=fmt,
         storage_offset=offset, storage_bytes=sbytes, is_view=t._is_view(), unknown=unknown,
@@ -433,7 +471,12 @@ def tensor_info(t: torch.Tensor, name: str = "tensor",
     if namespace is not None:
         info.links = links_of(t, name, named_tensors(namespace))
     if stats and unknown is None:
-        info.stats = tensor_stats(t)
+        try:
+            info.stats = tensor_stats(t)
+        except (RuntimeError, NotImplementedError) as exc:  # a dtype without reduction kernels
+            why = " ".join(str(exc).split())[:80]
+            notes.append(f"{name}: statistics not available for {info.dtype} on {info.device} "
+                         f"({why})")
     if info.stats is not None and (info.stats.nan or info.stats.inf):
         excluded = " and ".join(f"{n:,} {label}" for n, label in
                                 ((info.stats.nan, "NaN"), (info.stats.inf, "Inf")) if n)
@@ -468,7 +511,7 @@ class TensorRow:
 
     name: str
     type_name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     dtype: str
     device: str
     nbytes: int
@@ -511,7 +554,7 @@ def _nonfinite_flags(items: list[torch.Tensor]) -> list[str | None]:
                 x = t.detach()
                 has_nan = torch.zeros((), dtype=torch.bool, device=dev)
                 has_inf = has_nan
-                for c in _chunks(x):
+                for c in map(_stats_view, _chunks(x)):
                     has_nan = has_nan | torch.isnan(c).any()
                     has_inf = has_inf | torch.isinf(c).any()
                 out.append(torch.stack([has_nan, has_inf]))
@@ -539,9 +582,9 @@ def tensors(namespace: Mapping[str, Any], *, check_values: bool = True) -> Tenso
     for (name, t), flag in zip(top, flags):
         links = links_of(t, name, named, fps)
         rows.append(TensorRow(
-            name=name, type_name=type(t).__name__, shape=tuple(t.shape),
+            name=name, type_name=type(t).__name__, shape=shape_of(t),
             dtype=str(t.dtype).replace("torch.", ""), device=str(t.device),
-            nbytes=t.numel() * t.element_size(), requires_grad=t.requires_grad, links=links,
+            nbytes=nbytes_of(t), requires_grad=t.requires_grad, links=links,
             flag=flag))
     rows.sort(key=lambda r: (-r.nbytes, r.name))
     # Memory counted once: merge overlapping byte ranges per storage.
@@ -549,7 +592,7 @@ def tensors(namespace: Mapping[str, Any], *, check_values: bool = True) -> Tenso
     loose_dev: dict[str, int] = {}
     for _name, t in top:
         fp = _footprint(t)
-        nb = t.numel() * t.element_size()
+        nb = nbytes_of(t)
         if fp is None or fp.kind == "impl":
             key_dev = str(t.device) + (" (fake)" if is_fake(t) else "")
             if fp is None:

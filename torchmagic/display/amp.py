@@ -11,10 +11,19 @@ WIDTH = 100
 
 
 def headline(rep: Any) -> str:
-    total = rep.forward_ops
+    total = rep.floating_ops
     low = rep.low_precision_ops
-    parts = [f"autocast {rep.device} {rep.dtype}: {low} of {total} forward ops in {rep.dtype}"
-             f" ({percent(low, total)})" if total else f"autocast {rep.device} {rep.dtype}: no ops ran"]
+    if total:
+        head = (f"autocast {rep.device} {rep.dtype}: {low} of {total} floating-point forward "
+                f"op{'s' * (total != 1)} in {rep.dtype} ({percent(low, total)})")
+    elif rep.forward_ops:
+        head = f"autocast {rep.device} {rep.dtype}: no floating-point ops ran"
+    else:
+        head = f"autocast {rep.device} {rep.dtype}: no ops ran"
+    parts = [head]
+    other = ", ".join(f"{n} in {dt}" for dt, n in rep.other_low_precision.items())
+    if other:
+        parts.append(f"{other} (a nested autocast or explicit cast)")
     if rep.result_dtype:
         parts.append(f"result {rep.result_dtype}")
     return "; ".join(parts)
@@ -59,7 +68,10 @@ def _wrap(prefix: str, items: list[str], width: int = WIDTH) -> list[str]:
 
 def text(rep: Any) -> str:
     """Plain text, at most 100 columns."""
-    out = [headline(rep), _table(rep).text(WIDTH)]
+    import textwrap
+
+    out = [*textwrap.wrap(headline(rep), WIDTH, subsequent_indent="  ", break_on_hyphens=False),
+           _table(rep).text(WIDTH)]
     bl = _backward_line(rep)
     if bl:
         out.append(bl)

@@ -98,14 +98,17 @@ def _backward_rows(rep: Any) -> list[tuple[str, str]]:
 
 
 def _footer(rep: Any) -> str:
-    parts = [f"checked {rep.forward_ops} forward ops" if rep.forward_checked else
+    def ops(n: int, phase: str) -> str:
+        return f"{n:,} {phase} op{'s' * (n != 1)}"
+
+    parts = [f"checked {ops(rep.forward_ops, 'forward')}" if rep.forward_checked else
              "forward not checked"]
     if rep.backward_checked:
-        parts.append(f"{rep.backward_ops} backward ops" if rep.backward_ops else "no backward ran")
+        parts.append(ops(rep.backward_ops, "backward") if rep.backward_ops else "no backward ran")
     else:
         parts.append("backward not checked")
     if rep.masks:
-        parts.append(f"{rep.masks} explicit ±inf mask op(s) ignored")
+        parts.append(f"{rep.masks} ±inf mask{'s' * (rep.masks != 1)} ignored")
     return "; ".join(parts)
 
 

@@ -17,8 +17,13 @@ def _headline(r: Any) -> str:
     if r.excepted:
         what += " except " + ", ".join(r.excepted)
     verb = "froze" if r.action == "freeze" else "unfroze"
-    return (f"{r.action} {what}: {verb} {r.changed_params} parameters "
-            f"({human_count(r.changed_elements)} elements) in {len(r.changed_modules)} modules")
+    return (f"{r.action} {what}: {verb} {_n(r.changed_params, 'parameter')} "
+            f"({human_count(r.changed_elements)} elements) in "
+            f"{_n(len(r.changed_modules), 'module')}")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _cnt(n: int, whole: int) -> Cell:
@@ -32,9 +37,16 @@ def _notes(r: Any) -> list[str]:
         more = f", ... ({len(r.changed_modules) - _MAX_LISTED} more)" \
             if len(r.changed_modules) > _MAX_LISTED else ""
         notes.append(f"modules changed: {shown}{more}")
+    for names in getattr(r, "tied_changed", []):
+        verb = "frozen" if r.action == "freeze" else "unfrozen"
+        notes.append(f"tied weights: {' = '.join(names)} is one tensor ({verb} under every name)")
+    for names in getattr(r, "tied_kept", []):
+        notes.append(f"tied weights: {' = '.join(names)} is one tensor, left as it was: one of "
+                     "its names is under --except")
     if r.already:
         state = "frozen" if r.action == "freeze" else "trainable"
-        notes.append(f"{r.already} parameters in scope were already {state} (unchanged)")
+        notes.append(f"{_n(r.already, 'parameter')} in scope "
+                     f"{'was' if r.already == 1 else 'were'} already {state} (unchanged)")
     if r.skipped_non_float:
         notes.append(f"{r.skipped_non_float} integer parameters left as they are (only floating "
                      "point tensors can require gradients)")

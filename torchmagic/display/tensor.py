@@ -38,8 +38,10 @@ def _links(links: list[Any]) -> str:
     return "; ".join(f"{rel} {', '.join(names)}" for rel, names in groups.items())
 
 
-def _shape(shape: tuple[int, ...]) -> str:
-    return str(tuple(shape)) if shape else "() scalar"
+def _shape(shape: tuple[int | str, ...]) -> str:
+    if not shape:
+        return "() scalar"
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def _items(obj: Any) -> list[Any]:
@@ -122,7 +124,7 @@ def _table_text(obj: Any) -> str:
                                         else "") for d, b in sorted(obj.by_device.items()))))
     notes = []
     if any(r.flag == "?" for r in obj.rows):
-        notes.append("flag ? = values unknown (meta/fake/sparse tensor)")
+        notes.append("flag ? = values unknown (meta/fake/sparse/nested tensor)")
     return Table(headers=["name", "shape", "dtype", "device", "bytes", "requires_grad", "flag",
                           "memory"],
                  rows=rows, align=["l", "l", "l", "l", "r", "l", "l", "l"],

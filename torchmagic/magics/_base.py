@@ -7,6 +7,7 @@ can act on become ``UsageError`` (IPython prints one line, no traceback).
 from __future__ import annotations
 
 import contextlib
+import keyword
 import shlex
 from collections.abc import Iterator
 from typing import Any
@@ -156,11 +157,16 @@ class TorchMagics(Magics):
         """IPython's own cell transformation (``%magics``, ``!shell``, ``?``) of a cell body."""
         return self.shell.transform_cell(cell)
 
+    @staticmethod
+    def check_output_name(name: str | None) -> None:
+        """Refuse a bad ``-o NAME`` before the magic does anything (one-line error)."""
+        if name is not None and (not name.isidentifier() or keyword.iskeyword(name)):
+            raise TorchMagicError(f"-o needs a variable name; got {name!r}")
+
     def store(self, name: str | None, value: Any) -> None:
         """``-o NAME``: put a result in the user namespace (like ``%timeit -o``)."""
         if name:
-            if not name.isidentifier():
-                raise TorchMagicError(f"-o needs a variable name; got {name!r}")
+            self.check_output_name(name)
             self.shell.user_ns[name] = value
 
     def show(self, result: Any) -> None:

@@ -4,12 +4,13 @@ over a cell)."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 from IPython.core.magic import cell_magic, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
+from torchmagic.core.errors import ForwardError
 from torchmagic.magics._base import TorchMagics, parse, user_errors
 
 _VALUE_OPTIONS = {"-n", "--min-time", "--threads", "--compare", "-o"}
@@ -34,6 +35,21 @@ def split_options(line: str) -> tuple[str, str]:
             opts.append(m.group(1))
             rest = rest[m.end():]
     return " ".join(opts), rest
+
+
+def reraise_user_error(magic: str, err: ForwardError) -> NoReturn:
+    """Raise the exception the user's cell raised, unchanged (type, message, traceback), like a
+    plain cell would; where a module's forward was running, a note names it and its input shapes."""
+    orig = err.original
+    if not isinstance(orig, Exception):
+        raise UsageError(f"{magic}: {' '.join(str(err).split())}")
+    if err.module_class:
+        where = err.module_path or err.module_class
+        note = (f"{magic}: raised in {where} ({err.module_class})"
+                + (f" with input {err.input_shapes}" if err.input_shapes else ""))
+        if note not in getattr(orig, "__notes__", ()):
+            orig.add_note(note)
+    raise orig
 
 
 @magics_class
@@ -93,11 +109,19 @@ class BenchMagics(TorchMagics):
             return
         if args.compare is not None and not args.compare.strip():
             raise UsageError("%benchmark: --compare needs a label")
+        failed: ForwardError | None = None
         with user_errors("%benchmark"):
-            result = benchmark(self.transform(statement), self.shell.user_ns,
-                               number=args.number, min_time=args.min_time,
-                               num_threads=args.threads, label=args.compare)
-            self.store(args.output, result)
+            self.check_output_name(args.output)  # before anything runs or changes
+            try:
+                result = benchmark(self.transform(statement), self.shell.user_ns,
+                                   number=args.number, min_time=args.min_time,
+                                   num_threads=args.threads, label=args.compare)
+            except ForwardError as exc:  # the user's code raised: re-raised below, unchanged
+                failed = exc
+            else:
+                self.store(args.output, result)
+        if failed is not None:
+            reraise_user_error("%%benchmark" if cell is not None else "%benchmark", failed)
         if args.compare:
             self._compare.pop(args.compare, None)
             self._compare[args.compare] = result
@@ -132,11 +156,19 @@ class BenchMagics(TorchMagics):
         if not cell.strip():
             raise UsageError("%%profile: the cell is empty: put the code to profile in it")
         holder: dict[str, Any] = {}
+        failed: ForwardError | None = None
         with user_errors("%%profile"):
-            result = profile(self.transform(cell), self.shell.user_ns, sort=args.sort,
-                             rows=args.rows, memory=args.memory, shapes=args.shapes,
-                             trace=args.trace, warmup=args.warmup, result_holder=holder)
-            self.store(args.output, result)
+            self.check_output_name(args.output)  # before anything runs or changes
+            try:
+                result = profile(self.transform(cell), self.shell.user_ns, sort=args.sort,
+                                 rows=args.rows, memory=args.memory, shapes=args.shapes,
+                                 trace=args.trace, warmup=args.warmup, result_holder=holder)
+            except ForwardError as exc:  # the user's cell raised: re-raised below, unchanged
+                failed = exc
+            else:
+                self.store(args.output, result)
+        if failed is not None:
+            reraise_user_error("%%profile", failed)
         self.show(result)
         return holder.get("value")
 

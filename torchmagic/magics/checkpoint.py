@@ -59,6 +59,7 @@ class CheckpointMagics(TorchMagics):
 
         args = parse(self.checkpoint, line)
         with user_errors("%checkpoint"):
+            self.check_output_name(args.output)  # before anything runs or changes
             model = self.evaluate(args.model, "model")
             opt = self.evaluate(args.optimizer, "optimizer") if args.optimizer else None
             if args.action == "save":

@@ -34,6 +34,7 @@ class FreezeMagics(TorchMagics):
         args = parse(getattr(self, magic), line)
         ns = self.shell.user_ns
         with user_errors(f"%{magic}"):
+            self.check_output_name(args.output)  # before anything runs or changes
             roots = [resolve_root(ns, token) for token in args.paths]
             root_name, model, _ = roots[0]
             for other_name, other, _ in roots[1:]:

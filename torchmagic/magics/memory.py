@@ -273,8 +273,7 @@ class GpumemMagics(TorchMagics):
             raise UsageError(f"%%gpumem: {', '.join(bad)} is a line option (%gpumem "
                              f"{bad[0]}); the cell form takes {_CELL_ONLY}")
         with user_errors("%%gpumem"):
-            if args.output and not args.output.isidentifier():
-                self.store(args.output, None)  # raises the one-line -o error
+            self.check_output_name(args.output)  # before anything runs or changes
             snap: Any = contextlib.nullcontext([])
             if args.snapshot is not None:
                 snap = record_memory_history(args.snapshot)

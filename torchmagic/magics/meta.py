@@ -52,9 +52,8 @@ class MetaShapeMagics(TorchMagics):
         depth = self.cfg.depth if args.depth is None else args.depth
         if depth < 0:
             raise UsageError(f"%%meta_shape: --depth must be >= 0; got {depth}")
-        if args.output and not args.output.isidentifier():
-            raise UsageError(f"%%meta_shape: -o needs a variable name; got {args.output!r}")
         with user_errors("%%meta_shape"):
+            self.check_output_name(args.output)
             source = self.transform(cell)
             try:
                 report = meta_shape(source, self.shell.user_ns, depth=depth, fake=args.fake,

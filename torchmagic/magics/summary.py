@@ -130,8 +130,7 @@ class SummaryMagics(TorchMagics):
             if dtypes and not shapes:
                 raise TorchMagicError("--dtypes applies to shape inputs like (2,16); tensors keep "
                                       "their own dtype")
-            if args.output is not None and not args.output.isidentifier():
-                raise TorchMagicError(f"-o needs a variable name; got {args.output!r}")
+            self.check_output_name(args.output)  # before anything runs or changes
             try:
                 result = summary(model, *values, input_size=shapes, dtypes=dtypes, depth=depth,
                                  mode=args.mode, device=args.device, meta=args.meta,
