@@ -23,14 +23,18 @@ from torchmagic.core.anomaly import find_anomaly
 from torchmagic.models import GPT, GPTConfig
 
 
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed(fns: list[Callable[[], object]], repeat: int) -> list[float]:
+    """Median seconds of each function, measured round-robin (one run of each per round), so a
+    load spike on the shared machine hits every variant alike instead of one block of runs."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -72,12 +76,10 @@ def main() -> None:
             return rep
         return run
 
-    plain_f = timed(fwd, a.repeat)
-    ours_f = timed(ours(fwd, backward=False), a.repeat)
-    torch_f = timed(torch_anomaly(fwd), a.repeat)
-    plain_fb = timed(fwd_bwd, a.repeat)
-    ours_fb = timed(ours(fwd_bwd, backward=True), a.repeat)
-    torch_fb = timed(torch_anomaly(fwd_bwd), a.repeat)
+    plain_f, ours_f, torch_f = timed([fwd, ours(fwd, backward=False), torch_anomaly(fwd)],
+                                     a.repeat)
+    plain_fb, ours_fb, torch_fb = timed(
+        [fwd_bwd, ours(fwd_bwd, backward=True), torch_anomaly(fwd_bwd)], a.repeat)
     rep = find_anomaly(fwd, namespace={"model": model}, backward=False)
 
     print(f"{'':44}{'time':>10}{'ratio':>9}")

@@ -358,3 +358,36 @@ def test_clean_verdict_fits_100_columns_with_masks_and_backward(ip):
     ip.user_ns["x"] = torch.ones(3)
     _, shown = run(ip, "detect_anomaly", "y = x + 1")
     assert "checked 1 forward op;" in shown
+
+
+def test_device_deferred_path_on_cpu(monkeypatch):
+    """The CUDA path (counts kept on the device, read once at the end) run on CPU tensors: same
+    origin as the independent layer-by-layer reference, no per-op host read, and an in-place op on
+    a tensor that already held NaN is not taken for the NaN's birth."""
+    from torchmagic.core import anomaly as core
+
+    monkeypatch.setattr(core._Checker, "_deferred", staticmethod(lambda t: True))
+
+    def no_host_read(t):
+        raise AssertionError("per-op host read on the deferred path")
+
+    monkeypatch.setattr(core, "_host_bad", no_host_read)
+    mlp, x = overflow_mlp()
+    rep = find_anomaly(lambda: mlp(x).sum(), namespace={"mlp": mlp})
+    assert rep.origin.module_path == f"mlp.{first_bad_layer(mlp, x)}" and rep.origin_kind == "born"
+    assert rep.origin.op == "aten.addmm" and rep.spread
+
+    data = torch.tensor([float("nan"), 1.0, 2.0])
+    rep = find_anomaly(lambda: data.mul_(2), namespace={})
+    assert rep.origin is not None and rep.origin.op == "aten.mul_" and rep.origin_kind == "input"
+    assert rep.births_total == 0
+    clean = torch.ones(3)
+    rep = find_anomaly(lambda: clean.div_(0), namespace={})
+    assert rep.origin.op == "aten.div_" and rep.origin_kind == "born" and rep.origin.inf == 3
+
+
+def test_in_place_op_on_a_nan_tensor_is_not_the_birth():
+    """Host path: the old content of an in-place op's target counts as its input."""
+    data = torch.tensor([float("nan"), 1.0, 2.0])
+    rep = find_anomaly(lambda: data.mul_(2), namespace={})
+    assert rep.origin.op == "aten.mul_" and rep.origin_kind == "input" and rep.births_total == 0

@@ -124,7 +124,8 @@ def test_bad_inputs(ip):
     ip.user_ns["model"] = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
     assert "-n must be at least 1" in usage_error(ip, "benchmark -n 0", "1 + 1")
     assert "--min-time" in usage_error(ip, "benchmark --min-time 0", "1 + 1")
-    assert "--threads" in usage_error(ip, "benchmark --threads 0", "1 + 1")
+    assert usage_error(ip, "benchmark --threads 0", "1 + 1").startswith("%%benchmark: --threads")
+    assert usage_error(ip, "benchmark --threads 0 1 + 1").startswith("%benchmark: --threads")
     assert "empty" in usage_error(ip, "benchmark", "   \n")
     assert "not valid Python" in usage_error(ip, "benchmark", "x = (")
     assert "argument -n" in usage_error(ip, "benchmark -n lots", "1 + 1")
@@ -203,3 +204,23 @@ def test_user_exception_and_bad_output_through_run_cell(ip):
 
 def test_comment_only_cell_is_refused(ip):
     assert "only comments" in usage_error(ip, "benchmark -n 2", "# nothing to time\n")
+
+
+@pytest.mark.parametrize("magic", ["%%benchmark -n 2", "%benchmark -n 2", "%%profile",
+                                   "%%detect_anomaly", "%%amp", "%%gpumem"])
+def test_user_traceback_shows_user_frames_not_torchmagic_internals(ip, magic):
+    """A cell that fails under a magic shows the traceback a plain cell would: the user's frames,
+    none from torchmagic's own files (they are marked ``__tracebackhide__``)."""
+    from IPython.utils.capture import capture_output
+
+    ip.run_cell("def failing_helper():\n    return 1 / 0")
+    src = f"{magic} failing_helper()" if magic.startswith("%b") else f"{magic}\nfailing_helper()"
+    with capture_output() as cap:
+        r = ip.run_cell(src)
+    assert type(r.error_in_exec) is ZeroDivisionError
+    tb = cap.stdout + cap.stderr
+    assert "ZeroDivisionError" in tb and "failing_helper()" in tb and "return 1 / 0" in tb
+    import torchmagic as tm
+
+    pkg = tm.__file__.rsplit("/", 1)[0]
+    assert pkg not in tb and "torchmagic/core" not in tb and "torchmagic/magics" not in tb, tb

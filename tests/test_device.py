@@ -50,7 +50,8 @@ def test_mixed_devices_listed_per_module() -> None:
     meta_params = [p for p in m.parameters() if p.is_meta]
     assert usage(r, "parameters")["meta"][0] == len(meta_params)
     text = str(r)
-    assert "MIXED" in text and "on meta: features.1, head.3" in text
+    assert "MIXED" in text and "on meta: m.features.1, m.head.3" in text  # paths as typed
+    assert "on cpu: m.features.0, m.features.4, m.features.5, m.head.1" in text
     assert all(len(line) <= 100 for line in text.splitlines())
 
 
@@ -63,6 +64,8 @@ def test_own_tensors_of_a_parent_module_are_listed() -> None:
 
     r = device_report(Parent(), "p")
     assert r.modules_by_device == {"meta": ["(root) (own tensors)"], "cpu": ["body"]}
+    text = str(r)
+    assert "on meta: p (own tensors)" in text and "on cpu: p.body" in text
 
 
 def test_optimizer_state_devices() -> None:
@@ -136,7 +139,7 @@ def test_magic_text_html_widget(ip) -> None:
 
 @pytest.mark.parametrize("line, message", [
     ("device nope", "%device: name 'nope' is not defined"),
-    ("device 3", "%device: 3 is a int; expected an nn.Module, a tensor, an optimizer"),
+    ("device 3", "%device: 3 is an int; expected an nn.Module, a tensor, an optimizer"),
     ("device [1, 2]", "%device: [1, 2] is a list; expected"),
 ])
 def test_bad_input_one_line(ip, line: str, message: str) -> None:

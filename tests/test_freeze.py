@@ -89,7 +89,7 @@ def test_unfreeze_skips_integer_parameters() -> None:
     freeze(m)
     r = unfreeze(m)
     assert r.changed_params == 2 and r.skipped_non_float == 1
-    assert "integer parameters left" in str(r)
+    assert "1 integer parameter left as it is" in str(r)
 
 
 def test_batchnorm_warning() -> None:
@@ -97,8 +97,24 @@ def test_batchnorm_warning() -> None:
     r = freeze(m, ["features"], name="cnn")
     assert r.batchnorm == ["features.1", "features.5"] and r.batchnorm_training == 2
     text = str(r)
-    assert "BatchNorm" in text and "for m in cnn.features.modules():" in text and "m.eval()" in text
+    assert "2 BatchNorm layers in the frozen part (cnn.features.1, cnn.features.5; 2 in " \
+        "train mode now) still update" in " ".join(text.split())
     assert "momentum=0" in text
+    # The suggested code runs as printed and does what it says, without rebinding the model's name
+    # (the loop variable is not the model's: a model called ``m`` is common).
+    code = "\n".join(ln[4:] for ln in text.splitlines() if ln.startswith("    "))
+    ns = {"cnn": m, "nn": nn}
+    exec(code, ns)  # noqa: S102 - the snippet the report prints
+    assert ns["cnn"] is m and m.training
+    assert [type(x).__name__ for x in m.modules() if not x.training] == ["BatchNorm2d"] * 2
+    m.train()
+    for name in ("m", "mod"):
+        rep = freeze(m, ["features"], name=name)
+        code = "\n".join(ln[4:] for ln in str(rep).splitlines() if ln.startswith("    "))
+        ns = {name: m, "nn": nn}
+        exec(code, ns)  # noqa: S102
+        assert ns[name] is m and sum(not x.training for x in m.modules()) == 2
+        m.train()
     assert freeze(m, ["head"], name="cnn").batchnorm == []
     assert unfreeze(m, ["features"], name="cnn").batchnorm == []
     assert freeze(m, ["features"], exclude=["features.1", "features.5"]).batchnorm == []
@@ -151,6 +167,7 @@ def test_magic_freeze_text(ip) -> None:
     assert shown.startswith("freeze cnn.features except cnn.features.4, cnn.features.5: froze 4 "
                             "parameters")
     assert "in 2 modules" in shown and "optimizer opt (Adam)" in shown
+    assert "modules changed: cnn.features.0, cnn.features.1 " in shown  # paths as the user types
     assert [n for n, p in m.named_parameters() if not p.requires_grad] == [
         "features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias"]
     _, shown = run(ip, "unfreeze cnn -o rep")
@@ -261,7 +278,8 @@ def test_tied_weights_are_named(ip):
     assert not gpt.wte.weight.requires_grad and gpt.lm_head.weight is gpt.wte.weight
     assert r.changed_params == 1 and r.changed_modules == ["wte", "lm_head"]
     assert r.tied_changed == [["wte.weight", "lm_head.weight"]]
-    assert "wte.weight = lm_head.weight is one tensor (frozen under every name)" in shown
+    assert "gpt.wte.weight = gpt.lm_head.weight is one tensor (frozen under every name)" in shown
+    assert "modules changed: gpt.wte, gpt.lm_head" in shown
     assert "froze 1 parameter (" in shown and "in 2 modules" in shown
     run(ip, "unfreeze gpt")
     _, shown = run(ip, "freeze gpt --except lm_head -o r")

@@ -301,6 +301,8 @@ def test_magic_tensors_empty(ip) -> None:
 @pytest.mark.parametrize("line, message", [
     ("tensor nope", "%tensor: name 'nope' is not defined"),
     ("tensor model", "%tensor: model is a Linear, not a tensor"),
+    ("tensor 3", "%tensor: 3 is an int, not a tensor"),
+    ("tensor [1]", "%tensor: [1] is a list, not a tensor"),
     ("tensor w.grad", "%tensor: w.grad is None, not a tensor (no gradient yet"),
     ("tensor 1/0", "%tensor: evaluating tensor expression '1/0' raised ZeroDivisionError"),
     ("tensor x[", "unclosed bracket in: x["),

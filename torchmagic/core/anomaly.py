@@ -422,11 +422,15 @@ class _Checker(TorchDispatchMode):
         backward = node is not None
         if (backward and not self.d.check_backward) or (not backward and not self.d.check_forward):
             return func(*args, **kwargs)
-        pre_bad = None
+        pre_bad: bool | torch.Tensor | None = None
         if info.written:
             written = [t for i in info.written if i < len(args) for t in _floating(args[i])]
-            if written and not any(t.is_cuda for t in written):
+            if written and not any(self._deferred(t) for t in written):
                 pre_bad = any(_host_bad(t) for t in written)
+            elif written:
+                # In place on the device: whether the old content already held NaN/Inf is
+                # computed before the op overwrites it, and stays on the device (no sync).
+                pre_bad = torch.stack([(~torch.isfinite(t)).any() for t in written]).any()
         out = func(*args, **kwargs)
         outs = _floating(out)
         if not outs:
@@ -439,7 +443,7 @@ class _Checker(TorchDispatchMode):
         dev = outs[0].device.type
         if dev not in self.devices:
             self.devices.add(dev)
-        if outs[0].is_cuda:
+        if self._deferred(outs[0]):
             self._device_check(info, index, outs, args, kwargs, node, pre_bad)
             return out
         if not any(_host_bad(t) for t in outs):
@@ -482,8 +486,14 @@ class _Checker(TorchDispatchMode):
         return ev
 
     # -- CUDA: keep the counts on the device ----------------------------------------------------------
+    @staticmethod
+    def _deferred(t: torch.Tensor) -> bool:
+        """Whether ``t``'s checks stay on its device and are read once at the end (CUDA)."""
+        return t.is_cuda
+
     def _device_check(self, info: _OpInfo, index: int, outs: list[torch.Tensor], args: Any,
-                      kwargs: Mapping[str, Any], node: Any, pre_bad: bool | None) -> None:
+                      kwargs: Mapping[str, Any], node: Any,
+                      pre_bad: bool | torch.Tensor | None) -> None:
         zero = torch.zeros((), dtype=torch.int64, device=outs[0].device)
         nan, inf = zero, zero
         for t in outs:
@@ -494,6 +504,11 @@ class _Checker(TorchDispatchMode):
             if t.device == outs[0].device and all(t is not o for o in outs):
                 in_nan = in_nan + torch.isnan(t).any()
                 in_inf = in_inf + torch.isinf(t).any()
+        if isinstance(pre_bad, torch.Tensor):  # an in-place op's old content (see the hook)
+            pre = pre_bad.to(device=outs[0].device, dtype=torch.int64)
+            in_nan, in_inf = in_nan + pre, in_inf + pre
+        elif pre_bad:
+            in_nan, in_inf = in_nan + 1, in_inf + 1
         stats = torch.stack([nan, inf, in_nan, in_inf])
         stack = self.d.tracer.stack if self.d.tracer is not None else []
         meta = {
@@ -511,7 +526,7 @@ class _Checker(TorchDispatchMode):
         if not outs:
             return
         seq = self.count_fwd + self.count_bwd
-        if outs[0].is_cuda:
+        if self._deferred(outs[0]):
             zero = torch.zeros((), dtype=torch.int64, device=outs[0].device)
             nan, inf = zero, zero
             for t in outs:

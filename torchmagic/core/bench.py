@@ -277,6 +277,7 @@ def benchmark(code: str | Callable[[], Any], namespace: Mapping[str, Any] | None
     ``blocked_autorange(min_run_time=min_time)``; ``number=N`` times N single runs after a warm-up.
     ``num_threads`` defaults to ``torch.get_num_threads()``. Global torch state is restored.
     """
+    __tracebackhide__ = True  # IPython shows the user's frames, not ours
     from torch.utils.benchmark import Timer
     from torch.utils.benchmark.utils.common import Measurement, set_torch_threads
 

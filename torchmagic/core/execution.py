@@ -77,6 +77,7 @@ def compile_cell(source: str, label: str = "cell") -> CompiledCell:
 
 def run_compiled(cell: CompiledCell, namespace: dict[str, Any]) -> Any:
     """Execute a compiled cell in ``namespace``; return the value of its trailing expression."""
+    __tracebackhide__ = True  # IPython shows the user's frames, not ours
     exec(cell.body, namespace)  # noqa: S102 - running the user's own cell is the point
     if cell.last_expr is not None:
         return eval(cell.last_expr, namespace)  # noqa: S307

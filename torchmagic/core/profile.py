@@ -208,6 +208,7 @@ def profile(code: str | Callable[[], Any], namespace: dict[str, Any] | None = No
     ``result_holder`` (a dict) receives the code's trailing-expression value under ``"value"``.
     A failing cell raises :class:`ForwardError` (profiler stopped, fd 2 restored).
     """
+    __tracebackhide__ = True  # IPython shows the user's frames, not ours
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -231,6 +232,7 @@ def profile(code: str | Callable[[], Any], namespace: dict[str, Any] | None = No
         body, last = cell_functions(cell, ns)
 
     def run() -> Any:
+        __tracebackhide__ = True
         value = body()
         return last() if last is not None else value
 

@@ -11,6 +11,13 @@ from torchmagic.display.format import esc, exact, human_bytes, human_count
 from torchmagic.display.table import Cell, Table, html_block
 
 
+def _full(root: str, path: str) -> str:
+    """A module path as the user writes it (``model.head.3``); ``(root)`` is the model itself."""
+    if path == "(root)" or path.startswith("(root) "):
+        return root + path[len("(root)"):]
+    return f"{root}.{path}"
+
+
 def _table(r: Any) -> Table:
     rows = [[u.role, u.device, f"{u.tensors:,}", Cell(human_count(u.elements), title=exact(u.elements)),
              Cell(human_bytes(u.bytes), title=f"{exact(u.bytes)} bytes"), ", ".join(u.dtypes)]
@@ -20,8 +27,10 @@ def _table(r: Any) -> Table:
     notes: list[str] = []
     for w in r.warnings:
         notes.append(f"WARNING: {w}")
+    if r.modules_by_device:
+        notes.append(f"modules of {r.name} by device:")
     for dev, mods in sorted(r.modules_by_device.items()):
-        shown = ", ".join(mods[:MAX_MODULES_LISTED])
+        shown = ", ".join(_full(r.name, m) for m in mods[:MAX_MODULES_LISTED])
         more = f" ... and {len(mods) - MAX_MODULES_LISTED} more" if len(mods) > MAX_MODULES_LISTED else ""
         notes.append(f"  on {dev}: {shown}{more}")
     for m in r.mismatched_state[:MAX_MODULES_LISTED]:

@@ -30,41 +30,55 @@ def _cnt(n: int, whole: int) -> Cell:
     return Cell(f"{human_count(n)} ({percent(n, whole)})", title=exact(n))
 
 
+def _full(r: Any, path: str) -> str:
+    """A module path relative to the model as the user writes it: ``cnn.features.0``."""
+    if path in ("", "(root)"):
+        return r.model
+    return f"{r.model}.{path}"
+
+
 def _notes(r: Any) -> list[str]:
     notes: list[str] = []
     if r.changed_modules:
-        shown = ", ".join(r.changed_modules[:_MAX_LISTED])
+        shown = ", ".join(_full(r, m) for m in r.changed_modules[:_MAX_LISTED])
         more = f", ... ({len(r.changed_modules) - _MAX_LISTED} more)" \
             if len(r.changed_modules) > _MAX_LISTED else ""
         notes.append(f"modules changed: {shown}{more}")
     for names in getattr(r, "tied_changed", []):
         verb = "frozen" if r.action == "freeze" else "unfrozen"
-        notes.append(f"tied weights: {' = '.join(names)} is one tensor ({verb} under every name)")
+        notes.append(f"tied weights: {' = '.join(_full(r, n) for n in names)} is one tensor "
+                     f"({verb} under every name)")
     for names in getattr(r, "tied_kept", []):
-        notes.append(f"tied weights: {' = '.join(names)} is one tensor, left as it was: one of "
+        notes.append(f"tied weights: {' = '.join(_full(r, n) for n in names)} is one tensor, "
+                     "left as it was: one of "
                      "its names is under --except")
     if r.already:
         state = "frozen" if r.action == "freeze" else "trainable"
         notes.append(f"{_n(r.already, 'parameter')} in scope "
                      f"{'was' if r.already == 1 else 'were'} already {state} (unchanged)")
     if r.skipped_non_float:
-        notes.append(f"{r.skipped_non_float} integer parameters left as they are (only floating "
+        notes.append(f"{_n(r.skipped_non_float, 'integer parameter')} left as "
+                     f"{'it is' if r.skipped_non_float == 1 else 'they are'} (only floating "
                      "point tensors can require gradients)")
     if r.batchnorm:
-        shown = ", ".join(r.batchnorm[:_MAX_LISTED])
+        shown = ", ".join(_full(r, b) for b in r.batchnorm[:_MAX_LISTED])
         more = ", ..." if len(r.batchnorm) > _MAX_LISTED else ""
         where = r.targets[0] if len(r.targets) == 1 else r.model
         notes.append(
-            f"WARNING: {len(r.batchnorm)} BatchNorm layers in the frozen part ({shown}{more}; "
-            f"{r.batchnorm_training} in train mode now) still update running_mean/running_var "
+            f"WARNING: {_n(len(r.batchnorm), 'BatchNorm layer')} in the frozen part ({shown}{more}; "
+            f"{r.batchnorm_training} in train mode now) still "
+            f"update{'s' * (len(r.batchnorm) == 1)} running_mean/running_var "
             "in train mode; requires_grad does not stop that. To keep them fixed, put them in "
             "eval mode after every model.train() (momentum=0 would keep the stored statistics, "
             "but a train-mode forward still normalises with batch statistics):")
-        notes += [f"    for m in {where}.modules():",
-                  "        if isinstance(m, nn.modules.batchnorm._BatchNorm):",
-                  "            m.eval()"]
+        # The loop variable must not shadow the user's model (a model named ``m`` is common).
+        var = "layer" if where.split(".")[0] == "mod" else "mod"
+        notes += [f"    for {var} in {where}.modules():",
+                  f"        if isinstance({var}, nn.modules.batchnorm._BatchNorm):",
+                  f"            {var}.eval()"]
     if r.stale_grads:
-        notes.append(f"WARNING: {r.stale_grads} frozen parameters still hold a .grad from an "
+        notes.append(f"WARNING: {_n(r.stale_grads, 'frozen parameter')} still "
+                     f"hold{'s' * (r.stale_grads == 1)} a .grad from an "
                      "earlier backward; an optimizer keeps applying it (and momentum/weight "
                      f"decay) until it is None: {r.model}.zero_grad(set_to_none=True)")
     for o in r.optimizers:

@@ -93,6 +93,7 @@ class AmpMagics(TorchMagics):
         autocast on for every following cell until ``%amp off`` (or unloading the extension), which
         restores the autocast state exactly. Combinations torch would silently ignore are refused.
         """
+        __tracebackhide__ = True  # IPython shows the user's frames, not ours
         args = parse(self.amp, line)
         if cell is None:
             return self._line(args)
@@ -138,6 +139,7 @@ class AmpMagics(TorchMagics):
         return None
 
     def _cell(self, args: Any, cell: str) -> Any:
+        __tracebackhide__ = True  # IPython shows the user's frames, not ours
         from torchmagic.core.amp import AmpRun, models_in, resolve_amp
         from torchmagic.core.execution import compile_cell, run_compiled
 

@@ -34,6 +34,7 @@ class AnomalyMagics(TorchMagics):
 
         Usage: ``%%detect_anomaly [--no-forward] [--no-backward] [--first N]``
         """
+        __tracebackhide__ = True  # IPython shows the user's frames, not ours
         from torchmagic.core.anomaly import AnomalyDetector
         from torchmagic.core.execution import compile_cell, run_compiled
 

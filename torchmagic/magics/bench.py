@@ -40,6 +40,7 @@ def split_options(line: str) -> tuple[str, str]:
 def reraise_user_error(magic: str, err: ForwardError) -> NoReturn:
     """Raise the exception the user's cell raised, unchanged (type, message, traceback), like a
     plain cell would; where a module's forward was running, a note names it and its input shapes."""
+    __tracebackhide__ = True  # IPython shows the user's frames, not ours
     orig = err.original
     if not isinstance(orig, Exception):
         raise UsageError(f"{magic}: {' '.join(str(err).split())}")
@@ -87,6 +88,7 @@ class BenchMagics(TorchMagics):
         STATEMENT``; ``%benchmark`` alone shows the comparison table, ``%benchmark --clear``
         empties it.
         """
+        __tracebackhide__ = True  # IPython shows the user's frames, not ours
         from torchmagic.core.bench import benchmark, compare
 
         if cell is None:
@@ -107,10 +109,11 @@ class BenchMagics(TorchMagics):
                                  "time cells with %%benchmark --compare LABEL to fill the table")
             self.show(compare(list(self._compare.values())))
             return
+        name = "%%benchmark" if cell is not None else "%benchmark"
         if args.compare is not None and not args.compare.strip():
-            raise UsageError("%benchmark: --compare needs a label")
+            raise UsageError(f"{name}: --compare needs a label")
         failed: ForwardError | None = None
-        with user_errors("%benchmark"):
+        with user_errors(name):
             self.check_output_name(args.output)  # before anything runs or changes
             try:
                 result = benchmark(self.transform(statement), self.shell.user_ns,
@@ -121,7 +124,7 @@ class BenchMagics(TorchMagics):
             else:
                 self.store(args.output, result)
         if failed is not None:
-            reraise_user_error("%%benchmark" if cell is not None else "%benchmark", failed)
+            reraise_user_error(name, failed)
         if args.compare:
             self._compare.pop(args.compare, None)
             self._compare[args.compare] = result
@@ -150,6 +153,7 @@ class BenchMagics(TorchMagics):
         with ``--memory`` and input shapes with ``--shapes``. ``--trace FILE`` writes a Chrome
         trace. The profiler's own log lines on stderr are kept out of the output.
         """
+        __tracebackhide__ = True  # IPython shows the user's frames, not ours
         from torchmagic.core.profile import profile
 
         args = parse(self.profile, line)

@@ -194,6 +194,7 @@ class GpumemMagics(TorchMagics):
         ``%gpumem --top [N]``: the N largest live tensors (views of one storage counted once).
         ``%gpumem --snapshot FILE``: CUDA memory history of the next cell for pytorch.org/memory_viz.
         """
+        __tracebackhide__ = True  # IPython shows the user's frames, not ours
         args = parse(self.gpumem, line)
         if cell is not None:
             return self._cell(args, cell)
@@ -261,6 +262,7 @@ class GpumemMagics(TorchMagics):
 
     # -- cell form ----------------------------------------------------------------------------
     def _cell(self, args: Any, cell: str) -> Any:
+        __tracebackhide__ = True  # IPython shows the user's frames, not ours
         import contextlib
 
         from torchmagic.core.execution import compile_cell, run_compiled
