@@ -61,8 +61,8 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("code", SETUP),
         ("md", "## A forward overflow inside an MLP"),
         ("code", "mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))\n"
-                 "with torch.no_grad():\n    mlp[2].weight.mul_(1e38)\n"
-                 "inp = torch.randn(8, 16)"),
+                 "with torch.no_grad():\n    mlp[2].weight.mul_(1e37)  # huge, still finite\n"
+                 "inp = torch.randn(8, 16) * 100"),
         ("code", "%%detect_anomaly\nout = mlp(inp)\nloss = out.softmax(-1).sum()"),
         ("md", "## A NaN born in functional code between modules"),
         ("code", "%%detect_anomaly\nh = mlp[0](inp)\nh = torch.log(h)\nloss = h.sum()"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 from conftest import outputs
 
 from torchmagic import display
@@ -57,8 +56,23 @@ def test_bad_display_mode_is_refused(ip: Any) -> None:
         display.set_mode("fancy")
 
 
-def test_unload_resets_nothing_global(ip: Any) -> None:
-    assert torch.get_default_dtype() == torch.float32
+def test_unload_restores_auto_and_touches_no_global_state(ip: Any) -> None:
+    """Unloading drops a forced display mode (the %config setting belongs to the extension) and
+    changes no torch state; loading again applies the session's %config setting again."""
+    from statecheck import Snapshot
+
+    snap = Snapshot.take()
+    ip.run_line_magic("config", "TorchMagic.display = 'text'")
+    assert display.settings.mode == "text"
+    ip.run_line_magic("unload_ext", "torchmagic")
+    assert display.settings.mode == "auto"
+    ip.run_line_magic("load_ext", "torchmagic")
+    try:
+        assert display.settings.mode == "text"  # the session's config still says text
+    finally:
+        ip.run_line_magic("config", "TorchMagic.display = 'auto'")
+    assert display.settings.mode == "auto"
+    snap.assert_unchanged()
 
 
 def test_kernel_modes(tmp_path: Any) -> None:

@@ -142,12 +142,14 @@ def test_lstm_tuple_outputs(ip):
 
 def test_7b_decoder_built_in_the_cell_allocates_nothing(ip):
     ip.user_ns["Llama"] = Llama
+    snap = Snapshot.take()  # global state: default device, RNG (randint), grad mode
     proc = psutil.Process()
     gc.collect()
     before = proc.memory_info().rss
     cell = "cfg = Llama.config_7b()\nmodel = Llama(cfg)\nout = model(torch.randint(0, 32000, (1, 64)))\n"
     run(ip, "meta_shape -o rep", cell)
     grown = proc.memory_info().rss - before
+    snap.assert_unchanged()
     rep = ip.user_ns.pop("rep")
     assert rep.value("model").params == _llama_params(Llama.config_7b()) == 6_738_415_616
     assert rep.value("out").shapes == [(1, 64, 32000)]
@@ -158,8 +160,10 @@ def test_7b_decoder_built_in_the_cell_allocates_nothing(ip):
 
 
 def test_huge_factory_call_costs_nothing():
+    snap = Snapshot.take()
     rep = torchmagic.meta_shape("big = torch.randn(100000, 100000)\nsmall = big @ big[:, :3]",
                                 {"torch": torch})
+    snap.assert_unchanged()
     assert rep.value("big").shapes == [(100000, 100000)]
     assert rep.value("small").shapes == [(100000, 3)]
 
@@ -201,7 +205,9 @@ def test_shape_bug_in_sequential_names_line_module_op(ip):
     ("x = torch.randn(4)\nu = torch.unique(x)", ["line 2", "unique"]),
 ])
 def test_data_dependent_code_says_why_and_suggests_fake(ip, cell, words):
+    snap = Snapshot.take()
     msg = _user_error(ip, "meta_shape", cell)
+    snap.assert_unchanged()
     for w in [*words, "no values", "--fake"]:
         assert w in msg, (w, msg)
 
@@ -232,6 +238,7 @@ def test_fake_mode_symbols_and_branch_message(ip):
 def test_numpy_and_cuda_are_named_not_crashed_on(ip):
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
     ip.user_ns.update(arr=arr, np=np)
+    snap = Snapshot.take()
     run(ip, "meta_shape -o rep",
         "t = torch.as_tensor(arr)\nw = torch.from_numpy(arr) @ torch.randn(4, 2)\n"
         "g = torch.randn(2, 3).to('cuda')\nz = torch.zeros(2, device='cuda')\n")
@@ -246,6 +253,7 @@ def test_numpy_and_cuda_are_named_not_crashed_on(ip):
     msg = _user_error(ip, "meta_shape", "a = torch.randn(3)\nb = np.asarray(a)")
     assert "line 2" in msg and "numpy" in msg
     assert arr[0, 0] == 0 and arr.flags.writeable
+    snap.assert_unchanged()
 
 
 def test_op_without_meta_kernel_is_named(ip):
@@ -299,11 +307,10 @@ def test_objects_reached_indirectly_are_never_written(ip):
 
 
 def test_notebook_functions_see_twins(ip):
-    ip.run_cell("cnn = SmallCNN().train()\ndef forward():\n    return cnn(torch.randn(2, 3, 32, 32))\n",
-                silent=True)
     ip.user_ns["SmallCNN"] = SmallCNN
-    ip.run_cell("cnn = SmallCNN().train()\ndef forward():\n    return cnn(torch.randn(2, 3, 32, 32))\n",
-                silent=True)
+    result = ip.run_cell("cnn = SmallCNN().train()\ndef forward():\n"
+                         "    return cnn(torch.randn(2, 3, 32, 32))\n", silent=True)
+    assert result.success
     cnn = ip.user_ns["cnn"]
     snap = Snapshot.take(cnn)
     run(ip, "meta_shape -o rep", "y = forward()")
@@ -425,7 +432,10 @@ def test_plain_python_string_and_function():
     with pytest.raises(ForwardError) as info:
         torchmagic.meta_shape("y = cnn(torch.randn(1, 4, 32, 32))", {"cnn": cnn, "torch": torch})
     assert info.value.partial is not None and info.value.module_path == "cnn.features.0"
-    assert "fake=True" in str(torchmagic.meta_shape.__doc__) or True
+    # in plain Python the hint names the keyword argument, not the magic's --fake flag
+    with pytest.raises(ForwardError, match=r"fake=True") as info:
+        torchmagic.meta_shape("x = torch.randn(3)\nn = x.sum().item()", {"torch": torch})
+    assert "--fake" not in str(info.value)
     snap.assert_unchanged()
     assert_released(SmallCNN, lambda m: torchmagic.meta_shape(
         "y = m(torch.randn(1, 3, 32, 32))", {"m": m, "torch": torch}))
@@ -540,3 +550,24 @@ def test_in_place_write_to_kept_batch_sizes_is_not_done_for_real(ip):
     before = packed.batch_sizes.clone()
     run(ip, "meta_shape", "packed.batch_sizes.add_(1)\npacked.batch_sizes[0] = 7")
     assert torch.equal(packed.batch_sizes, before)
+
+
+def test_line_magics_in_the_cell_write_nothing_back(ip):
+    """IPython line magics run in the shell's real namespace (``%timeit`` copies the cell's names
+    into it, ``%time x = ...`` may bind there): whatever they write is undone afterwards."""
+    w = torch.ones(2)
+    ip.user_ns.update(w=w, cnn=SmallCNN())
+    rec = _ns_record(ip.user_ns)
+    cell = ("%time w = torch.zeros(4)\nq = 5\nfeats = cnn.features(torch.randn(1, 3, 32, 32))\n"
+            "%timeit -n1 -r1 torch.zeros(3)\nlast = torch.zeros(2)\n")
+    run(ip, "meta_shape -o rep", cell)
+    rep = ip.user_ns.pop("rep")
+    _assert_ns_same(ip.user_ns, rec)
+    assert ip.user_ns["w"] is w and torch.equal(w, torch.ones(2))
+    assert "q" not in ip.user_ns and "feats" not in ip.user_ns
+    assert rep.value("feats").shapes == [(1, 32, 8, 8)] and rep.value("last").device == "meta"
+    assert any("were undone" in n and "q" in n for n in rep.notes)
+    # the same guard holds when the cell stops at an error
+    with pytest.raises(UsageError):
+        run(ip, "meta_shape", "%timeit -n1 -r1 torch.zeros(3)\nr = 1\nn = torch.randn(2).sum().item()")
+    _assert_ns_same(ip.user_ns, rec)

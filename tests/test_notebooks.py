@@ -87,7 +87,11 @@ def test_every_magic_output_has_widget_html_and_text(executed: dict[str, Any], n
         assert WIDGET in data, first
         assert data["text/plain"].strip(), first
         assert '<div class="tm-result"' in data["text/html"], first
-        assert "<script" not in data["text/html"], first
+        html = data["text/html"]
+        assert "<script" not in html, first
+        # self-contained: no external asset, no event handler (no JavaScript at all)
+        assert not re.search(r"<(link|img|iframe)\b|\bsrc=|@import|url\(", html), first
+        assert not re.search(r"<[^>]*\son[a-z]+\s*=", html), first
 
 
 def test_quickstart_numbers(executed: dict[str, Any]) -> None:
@@ -138,3 +142,45 @@ def test_static_html_export_contains_the_html_rendering(executed: dict[str, Any]
     assert body.count('<div class="tm-result"') >= magic_cells
     assert f"{cnn_params:,}" in body
     assert re.search(r"<td[^>]*>features\.0</td>", body)
+
+
+def test_debugging_nans_names_each_origin(executed: dict[str, Any]) -> None:
+    """Each section of the NaN notebook shows what its heading promises, in text and HTML."""
+    nb, _ = executed["debugging_nans"]
+    cells = [c for c in nb.cells if c.cell_type == "code" and
+             c.source.startswith("%%detect_anomaly")]
+    bundles = [_magic_bundle(c) for c in cells]
+    want = [("forward Inf born in aten.addmm in mlp.2", "mlp.2 (Linear)"),  # the overflow
+            ("forward NaN born in aten.log", "h = torch.log(h)"),
+            ("backward NaN in SqrtBackward0", "SqrtBackward0"),
+            ("no NaN/Inf in forward or backward", "no NaN/Inf")]
+    assert len(bundles) == len(want)
+    for data, (headline, detail) in zip(bundles, want):
+        assert data["text/plain"].startswith("NaN/Inf found: " + headline) or \
+            data["text/plain"].startswith(headline), (headline, data["text/plain"][:200])
+        assert detail in data["text/plain"]
+        assert detail.replace(">", "&gt;") in data["text/html"]
+
+
+def test_big_models_numbers(executed: dict[str, Any]) -> None:
+    """The 70B notebook's parameter count comes from parameters() on a meta copy built here, its
+    FLOPs from the analytic Llama formula, its shapes from the config."""
+    import torch
+    from test_summary import llama_forward_flops
+
+    from torchmagic.models import Llama
+
+    nb, _ = executed["big_models_on_meta"]
+    cfg = Llama.config_70b()
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Llama(cfg).parameters())
+    for start in ("%params llama70b", "%summary llama70b"):
+        data = _magic_bundle(_cell(nb, start))
+        assert f"{n:,}" in data["text/plain"] and f"{n:,}" in data["text/html"], start
+    text = _magic_bundle(_cell(nb, "%summary llama70b"))["text/plain"]
+    got = int(re.search(r"Forward FLOPs: [^(]*\(([\d,]+)\)", text).group(1).replace(",", ""))
+    want = llama_forward_flops(cfg, 1, 2048)
+    assert abs(got - want) <= 0.01 * want, (got, want)
+    shapes = _magic_bundle(_cell(nb, "%%meta_shape --depth 2"))
+    assert f"(1, 4096, {cfg.vocab_size})" in shapes["text/plain"]
+    assert f"(1, 4096, {cfg.vocab_size})" in shapes["text/html"]

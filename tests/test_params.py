@@ -109,7 +109,13 @@ def test_bad_input() -> None:
 
 def test_render_and_dict() -> None:
     r = params(GPT(), depth=2)
-    json.dumps(r.to_dict())
+    d = r.to_dict()
+    json.dumps(d)
+    assert d["split_devices"] is False and d["trainable_percent"] == 100.0
+    small = str(params(nn.Linear(3, 2)))  # a small count is written once, not "8 (8)"
+    assert "Total: 8 in 2 tensors" in small
+    assert "Total: 172,288 (172.3 K) in 28 tensors" in str(r)
+    assert d["tied"][0]["names"] == ["wte.weight", "lm_head.weight"]
     assert all(len(line) <= 100 for line in str(r).splitlines())
     h = r._repr_html_()
     assert "<script" not in h and 'title="172,288 parameters"' in h

@@ -117,7 +117,28 @@ def test_tied_weights_counted_once() -> None:
     assert rows["lm_head"].tied == ["weight tied to wte.weight"]
     assert rows["lm_head"].params == 0 and rows["wte"].params == 1000 * 64
     assert sum(r.params for r in s.rows if r.depth == 1) == s.total_params
-    assert "tied" in str(s) and "tied to wte.weight" in s._repr_html_()
+    assert "tied to wte.weight" in s._repr_html_()
+    # the re-using row itself says where the weight lives, also in plain text
+    line = next(li for li in str(s).splitlines() if li.startswith("lm_head"))
+    assert "tied to wte " in line, line
+    assert "Note: lm_head: weight tied to wte.weight (counted once)" in str(s)
+
+    class LongTie(nn.Module):  # "tied to <a long name>" cannot fit: the row says "tied"
+        def __init__(self) -> None:
+            super().__init__()
+            self.token_embedding_table_with_a_really_long_attribute_name = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.token_embedding_table_with_a_really_long_attribute_name.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.token_embedding_table_with_a_really_long_attribute_name(x))
+
+    text = str(summary(LongTie(), input_size=(2, 3), dtypes="long",
+                       columns=list(torchmagic.core.summary.COLUMNS)))
+    assert max(len(li) for li in text.splitlines()) <= 100
+    head = next(li for li in text.splitlines() if li.startswith("head "))
+    assert " tied " in head and "tied to" not in head
+    assert "head: weight tied to token_embedding_table_with_a_really_long_attribute_name" in text
 
 
 def test_frozen_and_dtypes() -> None:
@@ -195,14 +216,28 @@ def test_bf16_model_gets_bf16_inputs() -> None:
     assert s.input_dtypes == ["bfloat16"] and s.error is None
 
 
-def test_model_already_on_meta_and_70b_like_llama() -> None:
-    cfg = Llama.config_7b()
+def llama_forward_flops(cfg, batch: int, seq: int) -> int:
+    """Analytic forward FLOPs of torchmagic.models.Llama (2 per multiply-add, matmuls only):
+    q/k/v/o projections (grouped k/v heads), the gated MLP, QK^T and AV over all query heads,
+    and the untied lm_head."""
+    d, hd = cfg.d_model, cfg.d_model // cfg.n_head
+    proj = d * cfg.n_head * hd + 2 * d * cfg.n_kv_head * hd + cfg.n_head * hd * d
+    per_token_layer = 2 * (proj + 3 * d * cfg.d_ff)
+    attn = 2 * 2 * cfg.n_head * seq * seq * hd
+    return batch * (cfg.n_layer * (seq * per_token_layer + attn) + seq * 2 * d * cfg.vocab_size)
+
+
+@pytest.mark.parametrize("config", ["config_7b", "config_70b"])
+def test_model_already_on_meta_7b_and_70b_llama(config: str) -> None:
+    cfg = getattr(Llama, config)()
     with torch.device("meta"):
         model = Llama(cfg)
     s = summary(model, input_size=(1, 16), dtypes="long", depth=1)
     assert s.meta and s.device == "meta"
     assert s.total_params == sum(p.numel() for p in model.parameters())
-    assert s.total_flops > 2 * 16 * (s.total_params - cfg.vocab_size * cfg.d_model)
+    want = llama_forward_flops(cfg, 1, 16)
+    assert abs(s.total_flops - want) <= 0.01 * want, (s.total_flops, want)
+    assert all(p.device.type == "meta" for p in model.parameters())
 
 
 def test_to_dict_is_json_and_text_fits() -> None:
@@ -210,6 +245,9 @@ def test_to_dict_is_json_and_text_fits() -> None:
     d = s.to_dict()
     json.dumps(d)
     assert d["total_params"] == s.total_params and d["rows"][0]["path"] == ""
+    assert d["total_macs"] == d["total_flops"] // 2 and d["total_macs"] is not None
+    assert [r["macs"] for r in d["rows"]] == [r["flops"] // 2 for r in d["rows"]]
+    assert summary(GPT()).to_dict()["total_macs"] is None  # no forward, no FLOPs
     table_part = str(s)
     assert all(len(line) <= 100 for line in table_part.splitlines())
     h = s._repr_html_()
@@ -737,3 +775,103 @@ def test_long_module_paths_stay_distinguishable_in_text() -> None:
     p = torchmagic.params(Wrap(), depth=5)
     names = [line.split("  ")[0] for line in str(p).splitlines() if line.startswith("blo")]
     assert len(set(names)) == len(names) == 5, names
+
+
+# -- the snapshot helper itself: every invariant test relies on it noticing a change ----------
+def _mutations() -> dict:
+    """name -> (mutate(m), undo(m), words expected in the difference)."""
+    import torch.nn.modules.module as mm
+
+    def set_grad(m: BNNet, g: torch.Tensor | None) -> None:
+        m.head.weight.grad = g
+
+    saved: dict = {}
+
+    def to_meta(m: BNNet) -> None:
+        saved["bias"] = m.head.bias
+        m.head.bias = nn.Parameter(torch.empty_like(m.head.bias, device="meta"))
+
+    def hook_on(m: BNNet) -> None:
+        saved["h"] = m.head.register_forward_hook(lambda *a: None)
+
+    def global_hook_on(m: BNNet) -> None:
+        saved["g"] = mm.register_module_forward_hook(lambda *a: None)
+
+    def dtype_on(m: BNNet) -> None:
+        saved["dtype"] = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+
+    def param_on(m: BNNet) -> None:
+        saved["w"] = m.conv.weight.detach().clone()
+        m.conv.weight.data.view(-1)[0].add_(1)
+
+    def grad_off(m: BNNet) -> None:
+        saved["grad"] = m.head.weight.grad
+        m.head.weight.grad = None
+
+    def device_on(m: BNNet) -> None:
+        from torchmagic.core.state import GlobalState
+
+        saved["state"] = GlobalState.capture()
+        torch.set_default_device("meta")
+
+    def rng_on(m: BNNet) -> None:
+        saved["rng"] = torch.get_rng_state()
+        torch.rand(1)
+
+    return {
+        "param value": (param_on, lambda m: m.conv.weight.data.copy_(saved["w"]),
+                        "conv.weight: values changed"),
+        "running stats": (lambda m: m.bn.running_mean.add_(1), lambda m: m.bn.running_mean.sub_(1),
+                          "bn.running_mean: values changed"),
+        "num_batches_tracked": (lambda m: m.bn.num_batches_tracked.add_(1),
+                                lambda m: m.bn.num_batches_tracked.sub_(1), "num_batches_tracked"),
+        "training flag": (lambda m: m.frozen_bn.train(), lambda m: m.frozen_bn.eval(),
+                          "frozen_bn: training False -> True"),
+        "hook": (hook_on, lambda m: saved["h"].remove(), "head: _forward_hooks changed"),
+        "requires_grad": (lambda m: m.head.bias.requires_grad_(False),
+                          lambda m: m.head.bias.requires_grad_(True), "requires_grad"),
+        "grad": (grad_off, lambda m: set_grad(m, saved["grad"]), ".grad set -> None"),
+        "grad value": (lambda m: m.head.weight.grad.add_(1), lambda m: m.head.weight.grad.sub_(1),
+                       ".grad changed"),
+        "device": (to_meta, lambda m: setattr(m.head, "bias", saved["bias"]), "device"),
+        "global hook": (global_hook_on, lambda m: saved["g"].remove(), "global module hooks"),
+        "default dtype": (dtype_on, lambda m: torch.set_default_dtype(saved["dtype"]),
+                          "default_dtype"),
+        "grad mode": (lambda m: torch.set_grad_enabled(False),
+                      lambda m: torch.set_grad_enabled(True), "grad_enabled"),
+        "rng": (rng_on, lambda m: torch.set_rng_state(saved["rng"]), "rng"),
+        "default device": (device_on, lambda m: saved["state"].restore(), "device"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_mutations()))
+def test_snapshot_helper_notices_each_change(kind: str) -> None:
+    """Snapshot must report each kind of change the invariant tests rely on (else those tests
+    could not fail), and report nothing once the change is undone."""
+    m = bn_net()
+    mutate, undo, words = _mutations()[kind]
+    snap = Snapshot.take(m)
+    snap.assert_unchanged()
+    try:
+        mutate(m)
+        diffs = snap.differences()
+    finally:
+        undo(m)
+    assert any(words in d for d in diffs), (kind, diffs)
+    snap.assert_unchanged()
+
+
+def test_snapshot_is_bitwise_and_assert_released_notices_a_cache() -> None:
+    m = nn.Linear(2, 2)
+    with torch.no_grad():
+        m.weight[0, 0] = float("nan")
+        m.weight[0, 1] = 0.0
+    snap = Snapshot.take(m)
+    snap.assert_unchanged()  # the same NaN bits are equal (torch.equal would say NaN != NaN)
+    with torch.no_grad():
+        m.weight[0, 1] = -0.0  # equal by value, different bits
+    assert snap.differences() == ["m0:param:weight: values changed"]
+    cache: list = []
+    with pytest.raises(AssertionError, match="kept a reference"):
+        assert_released(SmallCNN, cache.append)

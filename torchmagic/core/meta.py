@@ -29,6 +29,7 @@ What ships:
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -37,7 +38,7 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -986,6 +987,40 @@ def meta_shape(code_or_fn: str | Callable[[], Any], namespace: dict[str, Any] | 
         raise TorchMagicError(f"namespace must be a dict (e.g. globals()); got "
                               f"{type(namespace).__name__}")
     runner = _Run(depth, fake, fold, _flag)
+    guarded = [namespace]
+    if isinstance(code_or_fn, types.FunctionType) and code_or_fn.__globals__ is not namespace:
+        guarded.append(code_or_fn.__globals__)
+    with _namespace_guard(guarded, runner.report):
+        return _meta_shape(runner, code_or_fn, namespace)
+
+
+@contextlib.contextmanager
+def _namespace_guard(namespaces: list[dict[str, Any]], report: MetaShapeReport
+                     ) -> Iterator[None]:
+    """Undo any binding the run made in the user's namespaces (the code itself runs in a copy,
+    but IPython line magics in a cell, e.g. ``%timeit``, ``%time x = ...``, write into the shell's
+    real ``user_ns``): new names are removed and rebound names restored, on every path."""
+    before = [(ns, dict(ns)) for ns in namespaces]
+    try:
+        yield
+    finally:
+        undone: list[str] = []
+        for ns, old in before:
+            for name in [k for k in ns if k not in old]:
+                del ns[name]
+                undone.append(name)
+            for name, value in old.items():
+                if name not in ns or ns[name] is not value:
+                    ns[name] = value
+                    undone.append(name)
+        if undone:
+            shown = ", ".join(str(n) for n in undone[:5]) + (" ..." if len(undone) > 5 else "")
+            report.notes.append(f"names written into the namespace during the run (by a line "
+                                f"magic such as %timeit) were undone: {shown}")
+
+
+def _meta_shape(runner: _Run, code_or_fn: str | Callable[[], Any], namespace: dict[str, Any]
+                ) -> MetaShapeReport:
     if callable(code_or_fn) and not isinstance(code_or_fn, str):
         return _run_function(runner, code_or_fn, namespace)
     if not isinstance(code_or_fn, str):

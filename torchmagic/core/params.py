@@ -172,6 +172,13 @@ class ParamReport(Result):
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-friendly data, plus ``split_devices`` and ``trainable_percent``."""
+        d = super().to_dict()
+        d["split_devices"] = self.split_devices
+        d["trainable_percent"] = self.trainable_percent
+        return d
+
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")

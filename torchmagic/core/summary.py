@@ -158,6 +158,14 @@ class ModelSummary(Result):
     def total_macs(self) -> int | None:
         return None if self.total_flops is None else self.total_flops // 2
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-friendly data, plus ``total_macs`` and each row's ``macs``."""
+        d = super().to_dict()
+        d["total_macs"] = self.total_macs
+        for row, r in zip(d["rows"], self.rows):
+            row["macs"] = r.macs
+        return d
+
     def visible_columns(self) -> list[str]:
         """Columns to render: as asked; defaults drop those with nothing to show."""
         cols = list(self.columns)

@@ -20,6 +20,12 @@ def human_count(n: float | int | None, digits: int = 1) -> str:
     return f"{sign}{n:.0f}"
 
 
+def count_with_human(n: int) -> str:
+    """``"124,439,808 (124.4 M)"``; small counts once: ``"8"``."""
+    short = human_count(n)
+    return f"{n:,}" if short == f"{n:,}" else f"{n:,} ({short})"
+
+
 def human_flops(n: float | int | None, unit: str = "FLOPs") -> str:
     """``16.1 GFLOPs``, ``3.2 MFLOPs``, ``0 FLOPs``."""
     if n is None:

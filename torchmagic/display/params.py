@@ -10,7 +10,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from torchmagic.display.format import esc, exact, human_bytes, human_count
+from torchmagic.display.format import count_with_human, esc, exact, human_bytes, human_count
 from torchmagic.display.table import Cell, Table, html_block
 
 
@@ -71,7 +71,7 @@ def summary_lines(r: Any) -> list[tuple[str, str, str | None]]:
     out: list[tuple[str, str, str | None]] = []
     tp = f"{r.trainable_percent:.1f}%"
     fp = f"{100.0 - r.trainable_percent:.1f}%" if r.total_params else "0.0%"
-    out.append(("Total", f"{r.total_params:,} ({human_count(r.total_params)}) in "
+    out.append(("Total", f"{count_with_human(r.total_params)} in "
                          f"{r.param_tensors:,} tensors", None))
     out.append(("Trainable", f"{r.trainable_params:,} ({tp}); frozen {r.frozen_params:,} ({fp})",
                 None))

@@ -13,7 +13,14 @@ import textwrap
 from typing import Any
 
 from torchmagic.core.tracing import format_shapes
-from torchmagic.display.format import esc, exact, human_bytes, human_count, human_flops
+from torchmagic.display.format import (
+    count_with_human,
+    esc,
+    exact,
+    human_bytes,
+    human_count,
+    human_flops,
+)
 from torchmagic.display.table import Cell, Table, html_block
 
 HEADERS = {"input": "input", "output": "output", "params": "params", "trainable": "train",
@@ -34,7 +41,20 @@ def _shapes(shapes: Any, compact: bool) -> str:
     return out.replace(", ", ",").replace("),(", "), (") if compact else out
 
 
-def _cell(row: Any, col: str, ran: bool, compact: bool = False) -> Cell:
+def _tied_owner(row: Any) -> str:
+    """Where a row's tied parameters live, short: ``"wte"`` for ``"weight tied to wte.weight"``
+    (same parameter name: the owning module), else the full name; several joined with ", "."""
+    out = []
+    for note in row.tied:
+        pname, _, owner = note.partition(" tied to ")
+        if owner.endswith("." + pname):
+            owner = owner[: -len(pname) - 1]
+        if owner not in out:
+            out.append(owner)
+    return ", ".join(out)
+
+
+def _cell(row: Any, col: str, ran: bool, compact: bool = False, long_tied: bool = False) -> Cell:
     not_run = ran and row.status == "not called"
     if col == "input":
         if row.input_shapes is None:
@@ -49,7 +69,11 @@ def _cell(row: Any, col: str, ran: bool, compact: bool = False) -> Cell:
     if col == "params":
         shown = human_count(row.params)
         if compact and row.tied:
-            shown = "tied" if not row.params else f"{shown} +tied"
+            if long_tied:
+                tied = f"tied to {_tied_owner(row)}"
+                shown = tied if not row.params else f"{shown} +{tied}"
+            else:
+                shown = "tied" if not row.params else f"{shown} +tied"
         return Cell(shown, title=f"{exact(row.params)} parameters")
     if col == "trainable":
         return Cell(row.trainable, title=f"{exact(row.trainable_params)} trainable")
@@ -119,10 +143,11 @@ def title(s: Any, width: int = 100) -> str:
     return out
 
 
-def table(s: Any, compact: bool = False) -> Table:
+def table(s: Any, compact: bool = False, long_tied: bool = False) -> Table:
     """The module table; ``compact`` (plain text) writes shapes without spaces and folds the note
-    column into the cells (``tied`` params, ``not called`` inputs, ``*`` analytic FLOPs) so that
-    the table fits 100 columns; the notes below the table say the rest."""
+    column into the cells (``tied to wte`` params with ``long_tied``, else ``tied``;
+    ``not called`` inputs, ``*`` analytic FLOPs) so that the table fits 100 columns; the notes
+    below the table say the rest."""
     cols = s.visible_columns()
     notes_col = not compact and any(_note(r) for r in s.rows)
     headers = ["module", "type", *[HEADERS[c] for c in cols]] + (["note"] if notes_col else [])
@@ -130,7 +155,8 @@ def table(s: Any, compact: bool = False) -> Table:
     rows, css = [], []
     for r in s.rows:
         name = Cell(r.path or "(root)", title=r.path or s.model_class)
-        cells: list[object] = [name, r.cls, *[_cell(r, c, s.ran_forward, compact) for c in cols]]
+        cells: list[object] = [name, r.cls, *[_cell(r, c, s.ran_forward, compact, long_tied)
+                                              for c in cols]]
         if notes_col:
             cells.append(_note(r))
         rows.append(cells)
@@ -145,7 +171,7 @@ def totals(s: Any) -> list[tuple[str, Cell]]:
     out: list[tuple[str, Cell]] = []
     pct = 100.0 * s.trainable_params / s.total_params if s.total_params else 0.0
     out.append(("Parameters", Cell(
-        f"{s.total_params:,} ({human_count(s.total_params)}); trainable {s.trainable_params:,} "
+        f"{count_with_human(s.total_params)}; trainable {s.trainable_params:,} "
         f"({pct:.1f}%); frozen {s.frozen_params:,}")))
     dt = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(s.param_bytes_by_dtype.items()))
     out.append(("Parameter bytes", Cell(f"{human_bytes(s.param_bytes)}" + (f" ({dt})" if dt else ""),
@@ -170,9 +196,20 @@ def _wrap(line: str, width: int = 100) -> list[str]:
     return textwrap.wrap(line, width=width, subsequent_indent="    ", break_on_hyphens=False) or [""]
 
 
+def _table_text(s: Any) -> str:
+    """The compact table within 100 columns: tied rows say ``tied to <module>`` when that fits
+    without cutting any cell, else ``tied`` (the note below the table names the owner)."""
+    if any(r.tied for r in s.rows):
+        t = table(s, compact=True, long_tied=True)
+        t.title = None
+        if max(len(line) for line in t.text(width=10**6).splitlines()) <= 100:
+            t.title = title(s)
+            return t.text(width=100)
+    return table(s, compact=True).text(width=100)
+
+
 def text(s: Any) -> str:
-    t = table(s, compact=True)
-    lines = [t.text(width=100)]
+    lines = [_table_text(s)]
     for label, value in totals(s):
         lines.extend(_wrap(f"{label}: {value.text}"))
     for note in s.notes:

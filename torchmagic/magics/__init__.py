@@ -2,7 +2,8 @@
 
 Modules are discovered in this package (names not starting with ``_``), so adding a magic group is
 adding a module. Loading registers one instance of each class and the ``TorchMagic`` configurable;
-unloading closes each instance (callbacks removed) and removes its magics. Loading twice never
+unloading closes each instance (callbacks removed), removes its magics and puts the display mode
+back to ``auto`` (results shown by plain-Python calls then pick their rendering themselves). Loading twice never
 registers anything twice.
 """
 
@@ -56,3 +57,6 @@ def unload(shell: Any) -> None:
             manager.registry.pop(type(inst).__name__, None)
     if state["cfg"] in shell.configurables:
         shell.configurables.remove(state["cfg"])
+    from torchmagic import display
+
+    display.set_mode("auto")  # %config TorchMagic.display is gone with the extension
