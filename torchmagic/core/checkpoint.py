@@ -34,14 +34,7 @@ import torch
 import torch.nn as nn
 
 from torchmagic.core._result import Result
-from torchmagic.core.errors import TorchMagicError
-
-
-def _a(obj: object) -> str:
-    """``"an int"`` / ``"a list"``: the article and the type's name, for messages."""
-    name = type(obj).__name__
-    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
-
+from torchmagic.core.errors import TorchMagicError, a_type
 
 # Keys under which checkpoints in the wild keep the model's state dict (first match wins).
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "model_state", "module", "net",
@@ -275,9 +268,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
     no values to save), a missing directory, or an extra named ``model``/``optimizer``.
     """
     if not isinstance(model, nn.Module):
-        raise TorchMagicError(f"{name} is {_a(model)}, not an nn.Module")
+        raise TorchMagicError(f"{name} is {a_type(model)}, not an nn.Module")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TorchMagicError(f"--optimizer {optimizer_name} is {_a(optimizer)}, "
+        raise TorchMagicError(f"--optimizer {optimizer_name} is {a_type(optimizer)}, "
                               "not a torch.optim.Optimizer")
     extras = dict(extras or {})
     for key in extras:
@@ -303,7 +296,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
         keys = list(obj)
     for key, value in extras.items():
         if not _weights_only_safe(value):
-            notes.append(f"extra {key!r} is {_a(value)}: torch.load(weights_only=True)"
+            notes.append(f"extra {key!r} is {a_type(value)}: torch.load(weights_only=True)"
                          " will refuse it, so loading this file will need --unsafe (store plain "
                          "numbers, strings, lists, dicts or tensors instead)")
     tensors = _tensors_in(obj)
@@ -417,7 +410,7 @@ def _split(obj: Any, key: str | None, path: str) -> tuple[dict[str, Any], str | 
             raise TorchMagicError(f"--key {key}: {path} has no such entry; its keys are "
                                   f"{_some(keys)}")
         if not _is_state_dict(obj[key]):
-            raise TorchMagicError(f"--key {key}: that entry is {_a(obj[key])}, "
+            raise TorchMagicError(f"--key {key}: that entry is {a_type(obj[key])}, "
                                   "not a state dict of tensors")
         found = key
     else:
@@ -564,9 +557,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
     that match and skips the rest. The model is changed only when the load succeeds.
     """
     if not isinstance(model, nn.Module):
-        raise TorchMagicError(f"{name} is {_a(model)}, not an nn.Module")
+        raise TorchMagicError(f"{name} is {a_type(model)}, not an nn.Module")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TorchMagicError(f"--optimizer {optimizer_name} is {_a(optimizer)}, "
+        raise TorchMagicError(f"--optimizer {optimizer_name} is {a_type(optimizer)}, "
                               "not a torch.optim.Optimizer")
     path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):

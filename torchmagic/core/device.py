@@ -20,14 +20,8 @@ import torch
 import torch.nn as nn
 
 from torchmagic.core._result import Result
-from torchmagic.core.errors import TorchMagicError
+from torchmagic.core.errors import TorchMagicError, a_type
 from torchmagic.core.state import default_device
-
-
-def _a(obj: object) -> str:
-    """``"an int"`` / ``"a list"``: the article and the type's name, for messages."""
-    name = type(obj).__name__
-    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
 
 MAX_MODULES_LISTED = 8
 
@@ -282,7 +276,7 @@ def device_report(obj: Any, name: str = "object") -> DeviceReport:
     elif isinstance(obj, Mapping) and any(True for _ in _iter_tensors(obj.values())):
         report = _mapping_report(obj, name)
     else:
-        raise TorchMagicError(f"{name} is {_a(obj)}; expected an nn.Module, a "
+        raise TorchMagicError(f"{name} is {a_type(obj)}; expected an nn.Module, a "
                               "tensor, an optimizer or a dict of tensors (state_dict)")
     report.availability = availability()
     return report

@@ -7,6 +7,12 @@ plain-Python callers get an ordinary exception with the same message.
 from __future__ import annotations
 
 
+def a_type(obj: object) -> str:
+    """``"an int"`` / ``"a list"``: the article and the type's name, for messages."""
+    name = type(obj).__name__
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
 class TorchMagicError(ValueError):
     """Bad input or a failure the user can act on; ``str(err)`` is the whole message."""
 

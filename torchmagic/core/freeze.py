@@ -22,13 +22,7 @@ import torch
 import torch.nn as nn
 
 from torchmagic.core._result import Result
-from torchmagic.core.errors import TorchMagicError
-
-
-def _a(obj: object) -> str:
-    """``"an int"`` / ``"a list"``: the article and the type's name, for messages."""
-    name = type(obj).__name__
-    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+from torchmagic.core.errors import TorchMagicError, a_type
 
 _MAX_NAMES = 12
 
@@ -135,7 +129,7 @@ def resolve_root(namespace: Mapping[str, Any], token: str) -> tuple[str, nn.Modu
             break
         i += 1
     if not isinstance(obj, nn.Module):
-        raise TorchMagicError(f"{'.'.join(segs[:i])} is {_a(obj)}, not an "
+        raise TorchMagicError(f"{'.'.join(segs[:i])} is {a_type(obj)}, not an "
                               "nn.Module")
     return ".".join(segs[:i]), obj, ".".join(segs[i:])
 
@@ -171,7 +165,7 @@ def set_requires_grad(model: nn.Module, paths: Sequence[str] = ("",), requires_g
     """Set ``requires_grad`` on the parameters under ``paths`` (relative to ``model``; ``""`` is
     all of it) except those under ``exclude``; return the exact account. See :func:`freeze`."""
     if not isinstance(model, nn.Module):
-        raise TorchMagicError(f"{name} is {_a(model)}, not an nn.Module")
+        raise TorchMagicError(f"{name} is {a_type(model)}, not an nn.Module")
     paths = list(paths) or [""]
     in_scope: dict[int, nn.Parameter] = {}
     scope_modules: dict[int, nn.Module] = {}

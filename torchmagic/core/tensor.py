@@ -26,15 +26,8 @@ import torch
 import torch.nn as nn
 
 from torchmagic.core._result import Result
-from torchmagic.core.errors import TorchMagicError
+from torchmagic.core.errors import TorchMagicError, a_type
 from torchmagic.core.state import preserved_global_state
-
-
-def _a(obj: object) -> str:
-    """``"an int"`` / ``"a list"``: the article and the type's name, for messages."""
-    name = type(obj).__name__
-    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
-
 
 #: Elements reduced per step; bounds the device temporaries of the statistics (8 bytes each).
 CHUNK_ELEMENTS = 1 << 22
@@ -434,7 +427,7 @@ def tensor_info(t: torch.Tensor, name: str = "tensor",
     Raises :class:`TorchMagicError` when ``t`` is not a tensor.
     """
     if not isinstance(t, torch.Tensor):
-        raise TorchMagicError(f"{name} is {_a(t)}, not a tensor")
+        raise TorchMagicError(f"{name} is {a_type(t)}, not a tensor")
     unknown = values_unknown(t)
     strided = t.layout == torch.strided and not t.is_nested
     if unknown is None and not strided:

@@ -54,7 +54,8 @@ class TensorMagics(TorchMagics):
         Several expressions are shown side by side: ``%tensor x x.view(-1) x.t().reshape(-1)``.
         Meta and fake tensors show shape information only.
         """
-        from torchmagic.core.tensor import _a, tensor_report
+        from torchmagic.core.errors import a_type
+        from torchmagic.core.tensor import tensor_report
 
         args = parse(self.tensor, line)
         with user_errors("%tensor"):
@@ -64,7 +65,7 @@ class TensorMagics(TorchMagics):
                 if not isinstance(value, _torch().Tensor):
                     hint = " (no gradient yet: run backward() first)" if value is None and \
                         expr.endswith(".grad") else ""
-                    what = "None" if value is None else _a(value)
+                    what = "None" if value is None else a_type(value)
                     raise TorchMagicError(f"{expr} is {what}, not a tensor{hint}")
                 values[expr] = value
             result = tensor_report(values, self.namespace(), stats=not args.no_stats)
