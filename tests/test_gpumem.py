@@ -309,7 +309,7 @@ def test_cell_options_without_cuda(ip):
     ("gpumem --watch", "x = 1", "--watch is a line option"),
     ("gpumem --reset", "x = 1", "--reset is a line option"),
     ("gpumem -o 1x", "x = 1", "-o needs a variable name"),
-    ("gpumem", "x = (", "the cell has a syntax error, line 1"),
+    ("gpumem", "x = (", "the cell is not valid Python (line 1: "),
 ])
 def test_bad_input_one_line(ip, line, cell, message):
     with pytest.raises(UsageError) as info:

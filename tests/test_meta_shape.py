@@ -446,7 +446,7 @@ def test_plain_python_string_and_function():
     ("meta_shape --depth two", "x = 1", "invalid int value"),
     ("meta_shape --bogus", "x = 1", "unrecognized arguments"),
     ("meta_shape", "   \n", "the cell is empty"),
-    ("meta_shape", "x = (1,", "invalid syntax"),
+    ("meta_shape", "x = (1,", "the cell is not valid Python (line 1: "),
     ("meta_shape -o 1x", "x = 1", "-o needs a variable name"),
     ("meta_shape", "y = undefined_name + 1", "NameError"),
 ])

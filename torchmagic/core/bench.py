@@ -21,7 +21,6 @@ A failing cell raises :class:`ForwardError` naming the cell line and the module 
 
 from __future__ import annotations
 
-import ast
 import builtins
 import contextlib
 import time
@@ -36,7 +35,7 @@ import torch.nn as nn
 
 from torchmagic.core._result import Result
 from torchmagic.core.errors import ForwardError, TorchMagicError
-from torchmagic.core.execution import CompiledCell, cell_line_of, compile_cell
+from torchmagic.core.execution import CompiledCell, cell_line_of, compile_user_cell
 from torchmagic.core.state import preserved_global_state
 from torchmagic.core.tracing import format_shapes
 
@@ -147,17 +146,7 @@ def cell_error(exc: BaseException, cell: CompiledCell | None,
 
 def compile_code(code: str, label: str) -> CompiledCell:
     """Compile a (transformed) cell; a syntax error or an empty cell is a :class:`TorchMagicError`."""
-    if not code.strip():
-        raise TorchMagicError("the cell is empty: put the code to measure in the cell body")
-    try:
-        cell = compile_cell(code, label)
-    except SyntaxError as exc:
-        raise TorchMagicError(f"the cell is not valid Python: {exc.msg} (line {exc.lineno})"
-                              ) from None
-    if not ast.parse(code).body:
-        raise TorchMagicError("the cell has only comments: put the code to measure in the cell "
-                              "body")
-    return cell
+    return compile_user_cell(code, label, "measure")
 
 
 def cell_functions(cell: CompiledCell, namespace: dict[str, Any]) -> tuple[Callable[[], Any],

@@ -116,3 +116,22 @@ def user_frames(tb: TracebackType | None) -> list[traceback.FrameSummary]:
 def forget(cell: CompiledCell) -> None:
     """Drop a compiled cell's source from ``linecache`` (optional tidy-up)."""
     linecache.cache.pop(cell.filename, None)
+
+
+def compile_user_cell(source: str, label: str, purpose: str = "run") -> CompiledCell:
+    """:func:`compile_cell` for a magic's cell body: an empty cell, a cell of comments only, or
+    invalid Python is a one-line :class:`~torchmagic.core.errors.TorchMagicError` saying what to
+    write (``purpose`` completes "put the code to ... in the cell")."""
+    from torchmagic.core.errors import TorchMagicError
+
+    if not source.strip():
+        raise TorchMagicError(f"the cell is empty: put the code to {purpose} in the cell, below "
+                              "the magic line")
+    try:
+        cell = compile_cell(source, label)
+    except SyntaxError as exc:
+        where = f"line {exc.lineno}: " if exc.lineno else ""
+        raise TorchMagicError(f"the cell is not valid Python ({where}{exc.msg})") from None
+    if cell.last_expr is None and not ast.parse(source).body:
+        raise TorchMagicError(f"the cell has only comments: put the code to {purpose} in the cell")
+    return cell

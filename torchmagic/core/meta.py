@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten
 
 from torchmagic.core._result import Result
 from torchmagic.core.errors import ForwardError, TorchMagicError
-from torchmagic.core.execution import cell_line_of, compile_cell, forget
+from torchmagic.core.execution import cell_line_of, compile_user_cell, forget
 from torchmagic.core.state import preserved_global_state
 from torchmagic.core.tracing import (
     ModuleCall,
@@ -1027,14 +1027,8 @@ def _meta_shape(runner: _Run, code_or_fn: str | Callable[[], Any], namespace: di
         raise TorchMagicError(f"meta_shape needs Python source or a function; got "
                               f"{type(code_or_fn).__name__}")
     source = code_or_fn
-    if not source.strip():
-        raise TorchMagicError("the cell is empty: write the code to run on meta below %%meta_shape")
-    try:
-        cell = compile_cell(source, "meta_shape")
-        tree = ast.parse(source, filename=cell.filename)
-    except SyntaxError as exc:
-        where = f"line {exc.lineno}: " if exc.lineno else ""
-        raise TorchMagicError(f"{where}invalid syntax ({exc.msg})") from None
+    cell = compile_user_cell(source, "meta_shape", "run on meta")
+    tree = ast.parse(source, filename=cell.filename)
     runner.filename = cell.filename
     runner.report.source = source
     statements: list[tuple[ast.stmt, Any, bool]] = []

@@ -9,7 +9,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from torchmagic.magics._base import TorchMagics, one_line, parse, user_errors
+from torchmagic.magics._base import TorchMagics, parse, user_errors
 
 
 def _names_in(source: str) -> list[str]:
@@ -141,16 +141,11 @@ class AmpMagics(TorchMagics):
     def _cell(self, args: Any, cell: str) -> Any:
         __tracebackhide__ = True  # IPython shows the user's frames, not ours
         from torchmagic.core.amp import AmpRun, models_in, resolve_amp
-        from torchmagic.core.execution import compile_cell, run_compiled
+        from torchmagic.core.execution import compile_user_cell, run_compiled
 
-        if not cell.strip():
-            raise UsageError("%%amp: the cell is empty; put the code to run below the magic line")
         source = self.transform(cell)
-        try:
-            compiled = compile_cell(source, "amp")
-        except SyntaxError as exc:
-            raise UsageError(f"%%amp: the cell is not valid Python (line {exc.lineno}: "
-                             f"{one_line(exc.msg)})") from None
+        with user_errors("%%amp"):
+            compiled = compile_user_cell(source, "amp", "run under autocast")
         names = _names_in(source)
         ns = self.shell.user_ns
         with user_errors("%%amp"):

@@ -8,7 +8,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from torchmagic.magics._base import TorchMagics, one_line, parse, user_errors
+from torchmagic.magics._base import TorchMagics, parse, user_errors
 
 
 @magics_class
@@ -36,20 +36,14 @@ class AnomalyMagics(TorchMagics):
         """
         __tracebackhide__ = True  # IPython shows the user's frames, not ours
         from torchmagic.core.anomaly import AnomalyDetector
-        from torchmagic.core.execution import compile_cell, run_compiled
+        from torchmagic.core.execution import compile_user_cell, run_compiled
 
         args = parse(self.detect_anomaly, line)
         if args.first < 1:
             raise UsageError(f"%%detect_anomaly: --first must be 1 or more; got {args.first}")
-        if not cell.strip():
-            raise UsageError("%%detect_anomaly: the cell is empty; put the code to check below "
-                             "the magic line")
         source = self.transform(cell)
-        try:
-            compiled = compile_cell(source, "detect_anomaly")
-        except SyntaxError as exc:
-            raise UsageError(f"%%detect_anomaly: the cell is not valid Python (line {exc.lineno}: "
-                             f"{one_line(exc.msg)})") from None
+        with user_errors("%%detect_anomaly"):
+            compiled = compile_user_cell(source, "detect_anomaly", "check")
         ns = self.shell.user_ns
         with user_errors("%%detect_anomaly"):
             detector = AnomalyDetector(ns, cell_filename=compiled.filename,

@@ -265,7 +265,7 @@ class GpumemMagics(TorchMagics):
         __tracebackhide__ = True  # IPython shows the user's frames, not ours
         import contextlib
 
-        from torchmagic.core.execution import compile_cell, run_compiled
+        from torchmagic.core.execution import compile_user_cell, run_compiled
         from torchmagic.core.memory import memory_meter, record_memory_history
 
         bad = [name for name, on in (("--watch", args.watch), ("--unwatch", args.unwatch),
@@ -281,11 +281,8 @@ class GpumemMagics(TorchMagics):
                 snap = record_memory_history(args.snapshot)
             meter = memory_meter(args.device, reset_peaks=not args.keep_peaks,
                                  label=f"In [{max(self.shell.execution_count - 1, 1)}]")
-        try:
-            code = compile_cell(self.transform(cell), "gpumem")
-        except SyntaxError as exc:
-            raise UsageError(f"%%gpumem: the cell has a syntax error, line {exc.lineno}: "
-                             f"{exc.msg}") from None
+        with user_errors("%%gpumem"):
+            code = compile_user_cell(self.transform(cell), "gpumem", "measure")
         with user_errors("%%gpumem"):
             ctx = snap.__enter__()
         meter.start()
