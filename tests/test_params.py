@@ -170,3 +170,12 @@ def test_magic_bad_input_one_line(ip, line: str, expected: str) -> None:
         run(ip, f"params {line}")
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_wrappers_are_unwrapped_with_a_note() -> None:
+    """DataParallel: the rows are the wrapped module's (no ``module.`` prefix), counts unchanged."""
+    inner = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    rep = params(nn.DataParallel(inner), depth=1)
+    assert rep.total_params == sum(p.numel() for p in inner.parameters())
+    assert [r.path for r in rep.rows] == ["", "0", "1", "2"]
+    assert any("DataParallel wrapper" in n for n in rep.notes)

@@ -100,6 +100,24 @@ def require_module(model: Any, what: str = "MODEL") -> nn.Module:
     raise TorchMagicError(f"{what} must be a torch.nn.Module; got {kind}{hint}")
 
 
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """``nn.DataParallel``/``DistributedDataParallel`` and ``torch.compile``'s ``OptimizedModule``
+    -> the module they wrap (what the user wants summarized), with a note saying so."""
+    notes = []
+    for _ in range(4):  # wrappers may nest: DataParallel(torch.compile(m))
+        cls = type(model).__name__
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            notes.append(f"{cls} wrapper: showing the module it wraps (.module)")
+        elif cls == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+            notes.append("torch.compile wrapper: showing the original module (._orig_mod) in "
+                         "eager mode")
+        else:
+            break
+    return model, ("; ".join(notes) or None)
+
+
 # -- result --------------------------------------------------------------------------------------
 @dataclass
 class ParamRow:
@@ -190,7 +208,7 @@ def params(model: nn.Module, depth: int = 3, only: str | None = None,
     (a warning when they are split over several devices), a per-module breakdown down to ``depth``
     (``only="trainable"``/``"frozen"`` restricts it), tied parameters with all their names, and
     buffers counted separately. Reads metadata only (works on meta models)."""
-    model = require_module(model)
+    model, wrapper_note = unwrap_model(require_module(model))
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
         raise TorchMagicError(f"depth must be a whole number >= 0; got {depth!r}")
     if only not in (None, "trainable", "frozen"):
@@ -265,7 +283,7 @@ def params(model: nn.Module, depth: int = 3, only: str | None = None,
         where = ", ".join(f"{d}: {devices.get(d, 0):,} params" for d in all_devices)
         warnings.append(f"model is split across {len(all_devices)} devices ({where}); "
                         "inputs and every module must agree, or forward fails with a device error")
-    notes = []
+    notes = [wrapper_note] if wrapper_note else []
     if "meta" in devices and len(all_devices) == 1:
         notes.append("parameters are on the meta device: shapes only, no values")
 

@@ -44,6 +44,7 @@ from torchmagic.core.params import (
     require_module,
     tensor_nbytes,
     tied_notes,
+    unwrap_model,
 )
 
 MODES = ("same", "eval", "train")
@@ -285,24 +286,6 @@ def _normal_device(device: Any) -> torch.device:
                                   and torch.backends.mps.is_available()):
         raise TorchMagicError(f"device {device!r}: MPS is not available here")
     return dev
-
-
-def unwrap_model(model: nn.Module) -> tuple[nn.Module, str | None]:
-    """``nn.DataParallel``/``DistributedDataParallel`` and ``torch.compile``'s ``OptimizedModule``
-    -> the module they wrap (what the user wants summarized), with a note saying so."""
-    notes = []
-    for _ in range(4):  # wrappers may nest: DataParallel(torch.compile(m))
-        cls = type(model).__name__
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-            notes.append(f"{cls} wrapper: summarized the module it wraps (.module)")
-        elif cls == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-            notes.append("torch.compile wrapper: summarized the original module (._orig_mod) "
-                         "in eager mode")
-        else:
-            break
-    return model, ("; ".join(notes) or None)
 
 
 # -- inputs --------------------------------------------------------------------------------------
