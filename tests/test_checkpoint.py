@@ -511,3 +511,17 @@ def test_checkpoint_of_a_submodule_is_recognised(ip, tmp_path):
     assert "the file holds dst[0] only, so load it into dst[0]" in msg, msg
     run(ip, f"checkpoint load dst[0] {path}")
     assert same_values(src[0], dst[0])
+
+
+def test_extra_bare_word_suggests_quoting(ip, tmp_path) -> None:
+    from IPython.core.error import UsageError
+
+    ip.user_ns["m"] = torch.nn.Linear(2, 2)
+    path = tmp_path / "m.pt"
+    with pytest.raises(UsageError) as info:
+        ip.run_line_magic("checkpoint", f"save m {path} --extra note=warmup")
+    msg = str(info.value)
+    assert "quote text: note='warmup'" in msg and "\n" not in msg
+    assert not path.exists()
+    ip.run_line_magic("checkpoint", f"save m {path} --extra note='warmup' epoch=3")
+    assert torch.load(path, weights_only=True)["note"] == "warmup"

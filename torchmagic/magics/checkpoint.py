@@ -96,7 +96,15 @@ class CheckpointMagics(TorchMagics):
             if not sep or not key.isidentifier() or not expr.strip():
                 raise TorchMagicError(f"--extra {item!r}: write KEY=VALUE, e.g. epoch=3 or "
                                       "note='warmup done'")
-            extras[key] = self.evaluate(expr, f"--extra {key}")
+            try:
+                extras[key] = self.evaluate(expr, f"--extra {key}")
+            except TorchMagicError as exc:
+                if not expr.strip().isidentifier():
+                    raise
+                # A bare word that is no variable: the user most likely meant a string.
+                raise TorchMagicError(f"--extra {key}={expr}: {expr!r} is not a defined name; "
+                                      f"values are Python expressions, so quote text: "
+                                      f"{key}='{expr}'") from exc
         return extras
 
 
