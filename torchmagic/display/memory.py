@@ -173,7 +173,7 @@ def _cell_notes(cm: Any) -> list[str]:
         notes.append(f"the cell raised {cm.error}")
     if any(r.user_peak is not None for r in cm.rows):
         notes.append("your peak: since your last reset of that counter (for CPU: since the "
-                     "process started), this cell included")
+                     "process started or your last %gpumem --reset), this cell included")
     return notes + list(cm.notes)
 
 
