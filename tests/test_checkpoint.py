@@ -525,3 +525,16 @@ def test_extra_bare_word_suggests_quoting(ip, tmp_path) -> None:
     assert not path.exists()
     ip.run_line_magic("checkpoint", f"save m {path} --extra note='warmup' epoch=3")
     assert torch.load(path, weights_only=True)["note"] == "warmup"
+
+
+def test_unsafe_load_of_a_non_state_dict_still_says_code_ran(tmp_path) -> None:
+    """--unsafe on a file that holds no state dict: the error also says the pickle's code ran."""
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(TorchMagicError) as info:
+        load_checkpoint(torch.nn.Linear(2, 2), path, weights_only=False)
+    msg = str(info.value)
+    assert "not a state dict" in msg and "weights_only=False" in msg and "\n" not in msg
+    with pytest.raises(TorchMagicError) as safe:
+        load_checkpoint(torch.nn.Linear(2, 2), path)
+    assert "weights_only=False" not in str(safe.value)

@@ -597,7 +597,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
 
     start = time.perf_counter()
     obj = _read(path, map_location=loc, weights_only=weights_only, mmap=mmap)
-    state, found, opt_state, fmt, extras = _split(obj, key, path)
+    try:
+        state, found, opt_state, fmt, extras = _split(obj, key, path)
+    except TorchMagicError as exc:
+        if weights_only:
+            raise
+        # The unpickling (and whatever code the file carried) has already run: say so.
+        raise TorchMagicError(f"{exc} (note: --unsafe unpickled the file with "
+                              "weights_only=False, which runs any code it contains)") from None
 
     notes: list[str] = []
     if strip_prefix:
