@@ -41,7 +41,10 @@ def test_sleep_reference_blocked_autorange(ip):
     _, shown = run(ip, "benchmark --min-time 0.05 -o r", "time.sleep(0.005)")
     r = ip.user_ns["r"]
     assert abs(r.median - 0.005) < 0.01 and r.median >= 0.0049
-    assert r.runs == r.number_per_run * r.measurements and r.measurements >= 3
+    # How many blocks fit in min_run_time depends on torch's noisy first block-size estimate,
+    # so only the bookkeeping is asserted: every run belongs to exactly one measured block.
+    assert r.runs == r.number_per_run * r.measurements >= 1
+    assert len(r.times) == r.measurements
     assert "blocked_autorange(min_run_time=0.05 s)" in r.method
     # Two workloads in a known ratio: 4 sleeps vs 1 sleep of 2 ms.
     slow = benchmark("for _ in range(4): time.sleep(0.002)", {"time": time}, number=5)
