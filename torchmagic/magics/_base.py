@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import keyword
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -168,6 +168,29 @@ class TorchMagics(Magics):
         if name:
             self.check_output_name(name)
             self.shell.user_ns[name] = value
+
+    def run_and_report(self, context: Any, run: Callable[[], Any],
+                       report: Callable[[], Any]) -> Any:
+        """Run ``run()`` inside ``context`` (e.g. an anomaly detector or autocast run), show
+        ``report()`` if it is not None, also when the user's code raised, and then re-raise the
+        user's exception unchanged. On KeyboardInterrupt nothing is shown (the context still
+        restores its state on the way out)."""
+        __tracebackhide__ = True  # IPython shows the user's frames, not ours
+        value = None
+        error: BaseException | None = None
+        try:
+            with context:
+                value = run()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the user's own error: report first, then re-raise it
+            error = exc
+        shown = report()
+        if shown is not None:
+            self.show(shown)
+        if error is not None:
+            raise error
+        return value
 
     def show(self, result: Any) -> None:
         from torchmagic.display import show

@@ -151,23 +151,15 @@ class AmpMagics(TorchMagics):
         with user_errors("%%amp"):
             device, dtype = resolve_amp(args.device, args.dtype, models_in(ns, names))
         run = AmpRun(device, dtype, report=args.report)
-        value = None
-        error: BaseException | None = None
-        try:
-            with run:
-                try:
-                    value = run.set_result(run_compiled(compiled, ns))
-                finally:
-                    run.scaler_used = self._scaler_used(names, source)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # the user's own error: report first, then re-raise it
-            error = exc
-        if run.report is not None:
-            self.show(run.report)
-        if error is not None:
-            raise error
-        return value
+
+        def cell() -> Any:
+            __tracebackhide__ = True
+            try:
+                return run.set_result(run_compiled(compiled, ns))
+            finally:
+                run.scaler_used = self._scaler_used(names, source)
+
+        return self.run_and_report(run, cell, lambda: run.report)
 
 
 MAGICS = [AmpMagics]

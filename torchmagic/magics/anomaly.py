@@ -49,20 +49,12 @@ class AnomalyMagics(TorchMagics):
             detector = AnomalyDetector(ns, cell_filename=compiled.filename,
                                        forward=not args.no_forward, backward=not args.no_backward,
                                        first=args.first)
-        value = None
-        error: BaseException | None = None
-        try:
-            with detector:
-                value = run_compiled(compiled, ns)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # the user's own error: report first, then re-raise it
-            error = exc
-        if detector.report is not None:
-            self.show(detector.report)
-        if error is not None:
-            raise error
-        return value
+
+        def cell() -> Any:
+            __tracebackhide__ = True
+            return run_compiled(compiled, ns)
+
+        return self.run_and_report(detector, cell, lambda: detector.report)
 
 
 MAGICS = [AnomalyMagics]
