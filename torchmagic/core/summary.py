@@ -37,6 +37,13 @@ import torch.nn as nn
 
 from torchmagic.core._result import Result
 from torchmagic.core.errors import ForwardError, TorchMagicError
+from torchmagic.core.inputs import (
+    model_device,
+    normal_device,
+    normalize_shapes,
+    parse_dtype,
+    prepare_inputs,
+)
 from torchmagic.core.params import (
     ParamIndex,
     module_depth,
@@ -59,15 +66,6 @@ COLUMN_HELP = {
     "flops": "forward FLOPs, all calls", "macs": "multiply-adds = FLOPs / 2",
     "bytes": "output bytes, all calls", "kernel": "kernel size (conv, pool)",
     "calls": "number of calls",
-}
-_DTYPE_ALIASES = {
-    "float": torch.float32, "float32": torch.float32, "fp32": torch.float32,
-    "double": torch.float64, "float64": torch.float64, "fp64": torch.float64,
-    "half": torch.float16, "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "long": torch.int64, "int64": torch.int64, "int": torch.int32, "int32": torch.int32,
-    "int16": torch.int16, "short": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool, "complex64": torch.complex64, "cfloat": torch.complex64,
 }
 
 
@@ -185,21 +183,6 @@ class ModelSummary(Result):
 
 
 # -- argument checks -----------------------------------------------------------------------------
-def parse_dtype(value: Any) -> torch.dtype:
-    """``torch.long`` or a name (``long``, ``float``, ``bf16`` ...) -> ``torch.dtype``."""
-    if isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str):
-        key = value.strip().lower().removeprefix("torch.")
-        if key in _DTYPE_ALIASES:
-            return _DTYPE_ALIASES[key]
-        dt = getattr(torch, key, None)
-        if isinstance(dt, torch.dtype):
-            return dt
-    raise TorchMagicError(f"unknown dtype {value!r} (valid: long, int, float, half, bf16, double, "
-                          "bool, or any torch dtype name)")
-
-
 def parse_columns(columns: Sequence[str] | str | None) -> list[str] | None:
     """Validate column names (``"params,flops"`` or a list); ``None`` keeps the defaults."""
     if columns is None:
@@ -221,27 +204,6 @@ def parse_columns(columns: Sequence[str] | str | None) -> list[str] | None:
     return out
 
 
-def _is_shape(obj: Any) -> bool:
-    return isinstance(obj, (tuple, list, torch.Size)) and all(
-        isinstance(s, int) and not isinstance(s, bool) for s in obj)
-
-
-def normalize_shapes(input_size: Any) -> list[tuple[int, ...]]:
-    """``(1, 3, 32, 32)`` or ``[(2, 16), (2, 16)]`` -> list of shapes (validated)."""
-    if _is_shape(input_size) and len(input_size) > 0:
-        shapes = [tuple(input_size)]
-    elif isinstance(input_size, (tuple, list)) and input_size and all(
-            _is_shape(s) for s in input_size):
-        shapes = [tuple(s) for s in input_size]
-    else:
-        raise TorchMagicError(f"input shape must be a tuple of whole numbers like (1, 3, 32, 32) "
-                              f"or a list of them; got {input_size!r}")
-    for s in shapes:
-        if any(d < 0 for d in s):
-            raise TorchMagicError(f"input shape {s} has a negative size")
-    return shapes
-
-
 def _kernel(module: nn.Module) -> str | None:
     k = getattr(module, "kernel_size", None)
     if k is None:
@@ -253,89 +215,6 @@ def _kernel(module: nn.Module) -> str | None:
         return "x".join(str(int(d)) for d in k)
     except (TypeError, ValueError):
         return str(k)
-
-
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.is_floating_point():
-            return t.dtype
-    return torch.get_default_dtype()
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in [*model.parameters(), *model.buffers()]:
-        return t.device
-    return torch.device("cpu")
-
-
-def _normal_device(device: Any) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise TorchMagicError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1, mps, meta)") \
-            from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TorchMagicError(f"device {device!r}: CUDA is not available here")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        elif dev.index >= torch.cuda.device_count():
-            raise TorchMagicError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
-                                  "device(s) here")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
-                                  and torch.backends.mps.is_available()):
-        raise TorchMagicError(f"device {device!r}: MPS is not available here")
-    return dev
-
-
-# -- inputs --------------------------------------------------------------------------------------
-def _split_inputs(inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional inputs -> (args, kwargs): one tuple/list is the argument list, a dict holds
-    keyword arguments (alone or last)."""
-    if len(inputs) == 1 and type(inputs[0]) in (tuple, list) and not _is_shape(inputs[0]):
-        # a plain tuple/list is the argument list; a namedtuple (PackedSequence) is one argument
-        inputs = tuple(inputs[0])
-    kwargs: dict[str, Any] = {}
-    if inputs and isinstance(inputs[-1], dict):
-        kwargs = dict(inputs[-1])
-        inputs = inputs[:-1]
-        bad = [k for k in kwargs if not isinstance(k, str) or not k.isidentifier()]
-        if bad:
-            raise TorchMagicError(f"keyword inputs need string names; got {bad[0]!r}")
-    return tuple(inputs), kwargs
-
-
-def _make_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 gen: torch.Generator) -> torch.Tensor:
-    if device.type == "meta":
-        return torch.empty(shape, dtype=dtype, device="meta")
-    if dtype.is_floating_point or dtype.is_complex:
-        t = torch.randn(shape, generator=gen, dtype=torch.float32 if dtype.is_floating_point
-                        else torch.complex64).to(dtype)
-    else:
-        t = torch.zeros(shape, dtype=dtype)
-    return t.to(device)
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    from torch.nn.utils.rnn import PackedSequence
-    from torch.utils._pytree import tree_map
-
-    def move(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        if device.type == "meta":
-            return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="meta")
-        return t.detach().to(device) if t.device != device else t
-
-    def packed(p: PackedSequence) -> PackedSequence:
-        # batch_sizes are metadata the recurrent kernels read on the CPU (on meta too)
-        return PackedSequence(move(p.data), p.batch_sizes,
-                              None if p.sorted_indices is None else move(p.sorted_indices),
-                              None if p.unsorted_indices is None else move(p.unsorted_indices))
-
-    return tree_map(lambda t: packed(t) if isinstance(t, PackedSequence) else move(t), obj,
-                    is_leaf=lambda t: isinstance(t, PackedSequence))
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -495,7 +374,7 @@ def summary(
     # -- where to run --
     meta = bool(meta) or is_meta_model(model)
     if device is not None:
-        dev = _normal_device(device)
+        dev = normal_device(device)
         if dev.type == "meta":
             meta = True
     if meta:
@@ -512,39 +391,16 @@ def summary(
         else:
             run_model, is_twin = model, False
     else:
-        target = _model_device(model)
+        target = model_device(model)
         run_model, is_twin = model, False
     result.device = str(target)
 
     # -- inputs --
-    if input_size is not None:
-        shapes = normalize_shapes(input_size)
-        if dtypes is None:
-            dts = [_float_dtype(model)] * len(shapes)
-        else:
-            raw = dtypes if isinstance(dtypes, (list, tuple)) else [dtypes]
-            dts = [parse_dtype(d) for d in raw]
-            if len(dts) == 1:
-                dts = dts * len(shapes)
-            if len(dts) != len(shapes):
-                raise TorchMagicError(f"{len(dts)} dtypes for {len(shapes)} input shapes: give one "
-                                      "dtype per shape, or one for all")
-        gen = torch.Generator().manual_seed(0)
-        args: tuple[Any, ...] = tuple(_make_tensor(s, d, target, gen) for s, d in zip(shapes, dts))
-        kwargs: dict[str, Any] = {}
-    else:
-        if dtypes is not None:
-            raise TorchMagicError("dtypes applies to input shapes only; tensors keep their dtype")
-        args, kwargs = _split_inputs(inputs)
-        if meta or device is not None:
-            args, kwargs = _to_device((args, kwargs), target)
-    from torch.utils._pytree import tree_flatten
-
-    from torchmagic.core.tracing import tensor_shapes
-
-    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-    result.input_shapes = tensor_shapes((args, kwargs))
-    result.input_dtypes = [str(t.dtype).replace("torch.", "") for t in leaves]
+    prepared = prepare_inputs(model, *inputs, input_size=input_size, dtypes=dtypes,
+                              target=target, move=meta or device is not None)
+    args, kwargs = prepared.args, prepared.kwargs
+    result.input_shapes = prepared.shapes
+    result.input_dtypes = prepared.dtypes
 
     # -- forward --
     run = _forward(run_model, model, is_twin, mode, args, kwargs)

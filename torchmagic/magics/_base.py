@@ -6,6 +6,7 @@ can act on become ``UsageError`` (IPython prints one line, no traceback).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import keyword
 import shlex
@@ -127,6 +128,35 @@ def user_errors(prefix: str) -> Iterator[None]:
         raise UsageError(f"{prefix}: {one_line(str(exc))}") from None
 
 
+def _literal_shapes(token: str) -> list[tuple[int, ...]] | None:
+    """``(1,3,32,32)`` -> [shape]; ``[(2,16),(2,16)]`` -> shapes; anything else -> None."""
+    try:
+        value = ast.literal_eval(token)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return _as_shapes(value)
+
+
+def _as_shapes(value: Any) -> list[tuple[int, ...]] | None:
+    def is_shape(v: Any) -> bool:
+        return isinstance(v, (tuple, list)) and len(v) > 0 and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in v)
+
+    if type(value).__name__ == "Size":  # torch.Size, without importing torch here
+        value = tuple(value)
+    if is_shape(value):
+        return [tuple(value)]
+    if isinstance(value, (tuple, list)) and value and all(is_shape(v) for v in value):
+        return [tuple(v) for v in value]
+    return None
+
+
+def _numbers(value: Any) -> bool:
+    """A plain tuple/list of numbers (``1e9,3,32,32``): meant as a shape, not as tensors."""
+    return type(value) in (tuple, list) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
 # -- base class --------------------------------------------------------------------------------
 class TorchMagics(Magics):
     """Base of torchmagic's ``Magics`` classes.
@@ -138,6 +168,35 @@ class TorchMagics(Magics):
     def __init__(self, shell: Any, cfg: TorchMagic) -> None:
         super().__init__(shell)
         self.cfg = cfg
+
+    def parse_inputs(self, tokens: list[str]) -> tuple[list[tuple[int, ...]] | None, list[Any]]:
+        """INPUTS tokens as ``%summary`` takes them -> ``(shapes, None)`` or ``(None, values)``.
+
+        A token that is a literal shape (``(1,3,32,32)``, ``[(2,16),(2,16)]``) or evaluates to one
+        (``x.shape``) is a shape; anything else is evaluated in the namespace (tensors, tuples,
+        dicts of keyword arguments). Shapes and values cannot be mixed."""
+        shapes: list[tuple[int, ...]] = []
+        values: list[Any] = []
+        for tok in tokens:
+            lit = _literal_shapes(tok)
+            if lit is None:
+                if tok.lstrip().startswith(("(", "[")) and not any(c.isalpha() or c == "_"
+                                                                  for c in tok):
+                    raise TorchMagicError(f"malformed input shape {tok!r}: write whole numbers "
+                                          "like (1,3,32,32), or several: (1,10) (1,5)")
+                value = self.evaluate(tok, "input")
+                lit = _as_shapes(value)
+                if lit is None and _numbers(value):
+                    raise TorchMagicError(f"input shape {tok!r} gives {value!r}: sizes must be "
+                                          "whole numbers, like (1,3,32,32)")
+            if lit is not None:
+                shapes.extend(lit)
+            else:
+                values.append(value)
+        if shapes and values:
+            raise TorchMagicError("give INPUTS either as shapes, e.g. (1,3,32,32), or as tensors / "
+                                  "expressions, not a mix")
+        return (shapes or None), values
 
     # evaluation in the user's namespace
     def evaluate(self, expr: str, what: str = "expression") -> Any:

@@ -7,9 +7,6 @@ not when the extension loads.
 
 from __future__ import annotations
 
-import ast
-from typing import Any
-
 from IPython.core.error import UsageError
 from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
@@ -18,63 +15,9 @@ from torchmagic.core.errors import ForwardError, TorchMagicError
 from torchmagic.magics._base import TorchMagics, parse, user_errors
 
 
-def _literal_shapes(token: str) -> list[tuple[int, ...]] | None:
-    """``(1,3,32,32)`` -> [shape]; ``[(2,16),(2,16)]`` -> shapes; anything else -> None."""
-    try:
-        value = ast.literal_eval(token)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-    return _as_shapes(value)
-
-
-def _as_shapes(value: Any) -> list[tuple[int, ...]] | None:
-    def is_shape(v: Any) -> bool:
-        return isinstance(v, (tuple, list)) and len(v) > 0 and all(
-            isinstance(s, int) and not isinstance(s, bool) for s in v)
-
-    if type(value).__name__ == "Size":  # torch.Size, without importing torch here
-        value = tuple(value)
-    if is_shape(value):
-        return [tuple(value)]
-    if isinstance(value, (tuple, list)) and value and all(is_shape(v) for v in value):
-        return [tuple(v) for v in value]
-    return None
-
-
-def _numbers(value: Any) -> bool:
-    """A plain tuple/list of numbers (``1e9,3,32,32``): meant as a shape, not as tensors."""
-    return type(value) in (tuple, list) and bool(value) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-
-
 @magics_class
 class SummaryMagics(TorchMagics):
     """``%summary`` and ``%params``."""
-
-    def _inputs(self, tokens: list[str]) -> tuple[list[tuple[int, ...]] | None, list[Any]]:
-        """INPUTS tokens -> (shapes, None) or (None, values)."""
-        shapes: list[tuple[int, ...]] = []
-        values: list[Any] = []
-        for tok in tokens:
-            lit = _literal_shapes(tok)
-            if lit is None:
-                if tok.lstrip().startswith(("(", "[")) and not any(c.isalpha() or c == "_"
-                                                                  for c in tok):
-                    raise TorchMagicError(f"malformed input shape {tok!r}: write whole numbers "
-                                          "like (1,3,32,32), or several: (1,10) (1,5)")
-                value = self.evaluate(tok, "input")
-                lit = _as_shapes(value)
-                if lit is None and _numbers(value):
-                    raise TorchMagicError(f"input shape {tok!r} gives {value!r}: sizes must be "
-                                          "whole numbers, like (1,3,32,32)")
-            if lit is not None:
-                shapes.extend(lit)
-            else:
-                values.append(value)
-        if shapes and values:
-            raise TorchMagicError("give INPUTS either as shapes, e.g. (1,3,32,32), or as tensors / "
-                                  "expressions, not a mix")
-        return (shapes or None), values
 
     @magic_arguments()
     @argument("-o", dest="output", metavar="VAR", help="also store the ModelSummary in VAR")
@@ -124,7 +67,7 @@ class SummaryMagics(TorchMagics):
         result = None
         with user_errors("%summary"):
             model = self.evaluate(args.model, "model")
-            shapes, values = self._inputs(args.inputs)
+            shapes, values = self.parse_inputs(args.inputs)
             depth = self.cfg.depth if args.depth is None else args.depth
             dtypes = [d for d in args.dtypes.split(",") if d.strip()] if args.dtypes else None
             if dtypes and not shapes:
