@@ -83,3 +83,30 @@ def wrap_line(line: str, width: int = 100, indent: str = "    ") -> list[str]:
             cur = f"{cur} {word}" if cur else word
     out.append(cur)
     return out
+
+
+DEFAULT_WIDTH = 100  # columns of text output when no terminal width is known (notebooks, files)
+
+
+def text_width(default: int = DEFAULT_WIDTH) -> int:
+    """Columns available to plain-text output: the terminal's width in terminal IPython or a
+    script on a TTY (``shutil.get_terminal_size``, which honours ``$COLUMNS``), else ``default``
+    (a notebook's ``text/plain`` is shown in a scrolling box, where 100 columns read well).
+    Never less than 60."""
+    import os
+    import shutil
+    import sys
+
+    cols = os.environ.get("COLUMNS")
+    if cols and cols.isdigit():
+        return max(60, int(cols))
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    in_kernel = shell is not None and getattr(shell, "kernel", None) is not None
+    if not in_kernel and sys.stdout is not None and sys.stdout.isatty():
+        return max(60, shutil.get_terminal_size((default, 24)).columns)
+    return default
