@@ -68,9 +68,11 @@ def test_forward_origin_and_backward_node_as_on_cpu(ip, request):
     assert cuda["device"] == "cuda" and cpu["device"] == "cpu"
     assert cuda["reference"] == cpu["reference"] == cuda["module"] == cpu["module"] == "mlp.2"
     assert cuda["op"] == cpu["op"] == "aten.addmm"
-    # NaN or Inf may differ (cuBLAS accumulates with FMA, the CPU kernel differently): where not
-    same = [re.sub(r"\b(NaN|Inf)\b", "NaN/Inf", found[d]["line"]) for d in ("cpu", "cuda")]
-    assert same[0] == same[1] and "born in aten.addmm in mlp.2 at cell line 1" in same[1]
+    # the forward part of the verdict; NaN or Inf may differ (cuBLAS accumulates with FMA, the
+    # CPU kernel differently), and so may what the non-finite values do later in backward
+    same = [re.sub(r"\b(NaN|Inf)\b", "NaN/Inf", found[d]["line"].split(";")[0])
+            for d in ("cpu", "cuda")]
+    assert same[0] == same[1] and same[1].endswith("born in aten.addmm in mlp.2 at cell line 1")
     assert cuda["backward"] == cpu["backward"] == \
         "NaN/Inf found: backward NaN in SqrtBackward0 (from cell line 1)"
 
