@@ -19,9 +19,10 @@
     python scripts/gpu_kit.py tour FILE
         Run a tour file (examples/tour.py's runner) after dropping the cells whose marker says they
         cannot run here: ``# %% cuda`` (needs CUDA), ``# %% if-magic NAME`` (needs the magic NAME).
-    python scripts/gpu_kit.py report --out FILE [--junit X] [--tour T] [--phase name=seconds] ...
+    python scripts/gpu_kit.py report --out FILE [--junit X] [--tour T] [--audit-source DIR] ...
         The JSON of measured figures: machine, torch, test counts, failures, skip reasons, the
-        figures each test recorded (``figure:*`` user properties in the JUnit XML), tour result.
+        figures each test recorded (``figure:*`` user properties in the JUnit XML), tour result,
+        and with --audit-source the torch-name audit of that folder.
 """
 
 from __future__ import annotations
@@ -511,9 +512,10 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                        "cells": len(re.findall(r"^In \[\d+\]:", text, re.M)),
                        "skipped": re.findall(r"^\[gpu tour\] skipped .*$", text, re.M),
                        "unexpected": re.findall(r"^\[tour\] (?:unexpected|cell).*$", text, re.M)}
-    for key, path in (("plan", args.plan), ("audit", args.audit)):
-        if path and Path(path).exists():
-            out[key] = json.loads(Path(path).read_text())
+    if args.plan and Path(args.plan).exists():
+        out["plan"] = json.loads(Path(args.plan).read_text())
+    if args.audit_source:
+        out["audit"] = audit(Path(args.audit_source).resolve())
     return out
 
 
@@ -564,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     sr.add_argument("--junit")
     sr.add_argument("--tour")
     sr.add_argument("--plan")
-    sr.add_argument("--audit")
+    sr.add_argument("--audit-source", help="also audit the torch names used under this folder")
     sr.add_argument("--phase", action="append", default=[], metavar="NAME=SECONDS")
     sr.add_argument("--rc", action="append", default=[], metavar="NAME=CODE")
     args = p.parse_args(argv)
