@@ -211,8 +211,9 @@ def test_the_one_call_is_the_same_in_the_script_and_the_readme():
 @pytest.mark.skipif(sys.platform != "linux", reason="the kit targets the Linux GPU machine")
 def test_dry_run_end_to_end(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "GPU_CHECK_HOST_PYTHON": sys.executable, "PYTHONPATH": ""}
-    env.pop("OUT", None)
+    env = {**os.environ, "GPU_CHECK_HOST_PYTHON": sys.executable}
+    for name in ("OUT", "PYTHONPATH", "TORCHMAGIC_GPU_CHECK"):
+        env.pop(name, None)
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     log = proc.stdout + proc.stderr
