@@ -142,7 +142,7 @@ elif [ $DRY = 1 ]; then
   say "collecting the whole suite (every file must import or skip with a reason)"
   limit 120 "$PY" -m pytest -p no:cacheprovider -q -rs --collect-only tests > "$WORK/collect.txt" 2>&1
   rc=$?
-  grep -E "^SKIPPED|collected|error" "$WORK/collect.txt" | tail -n 12 | tee -a "$LOG"
+  grep -E "^(SKIPPED|ERROR)|collected|Interrupted" "$WORK/collect.txt" | tail -n 12 | tee -a "$LOG"
   RCS+=("collect=$rc")
   if [ $rc -ne 0 ]; then cat "$WORK/collect.txt" >> "$LOG"; say "FAILED: the suite does not collect"; fi
   SELECT=(tests/test_params.py)
