@@ -265,8 +265,7 @@ def summary(
     if calls and calls[0].parent is None and not calls[0].kwargs and kw:
         calls[0].input_shapes = tensor_shapes((pos, kw))  # ran without kwargs hooks
         calls[0].kwargs = list(result.input_kwargs)
-    fill_rows(result, rows, run.tracer, run.counter, run.error,
-              {p for p, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)})
+    fill_rows(result, rows, run.tracer, run.counter, run.error, _uses_children(model))
     if tot.uninitialized:
         _lazy_counts(result, rows, plan.run_model, depth, run.error is None, lazy_notes)
     else:
@@ -293,6 +292,18 @@ def summary(
         result.torchinfo = torchinfo_table(model, pos, kw, depth, mode, plan.target, plan.meta,
                                            cols, width)
     return result
+
+
+def _uses_children(model: nn.Module) -> set[str]:
+    """Modules whose forward uses their children's weights without calling them:
+    ``nn.MultiheadAttention`` (``out_proj``) and quantized modules (their packed params)."""
+    out = set()
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            out.add(path)
+        elif any(isinstance(v, torch.ScriptObject) for v in vars(mod).values()) and path:
+            out.add(path.rpartition(".")[0])
+    return out
 
 
 def _result(model: nn.Module, rows: dict[str, SummaryRow], tot: ParamTotals, depth: int,

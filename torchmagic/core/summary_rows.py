@@ -266,8 +266,8 @@ def fill_rows(result: Any, rows: dict[str, SummaryRow], tracer: Any, counter: An
         if inside:
             result.notes.append(
                 f"{', '.join(inside[:3])}{' ...' if len(inside) > 3 else ''}: weights used "
-                "directly by the parent's forward (nn.MultiheadAttention), not called as a module; "
-                "their FLOPs are in the parent's row")
+                "directly by the parent's forward (nn.MultiheadAttention, quantized modules), not "
+                "called as a module; their FLOPs are in the parent's row")
     if any(r.analytic_flops for r in result.rows):
         result.notes.append("recurrent modules (LSTM/GRU/RNN): FLOPs are the analytic matmul count")
 

@@ -42,7 +42,11 @@ def _tensor_leaves(obj: Any, depth: int = 0) -> list[Any]:
                 continue
             if depth == 0 and leaf is obj and not isinstance(leaf, (nn.Module, type)) and \
                     isinstance(getattr(leaf, "__dict__", None), dict):
-                out.extend(v for v in vars(leaf).values() if isinstance(v, torch.Tensor))
+                seen: set[int] = set()
+                for v in vars(leaf).values():  # each tensor once (Categorical: _param is logits)
+                    if isinstance(v, torch.Tensor) and id(v) not in seen:
+                        seen.add(id(v))
+                        out.append(v)
                 continue
         out.append(leaf)
     return out

@@ -67,8 +67,11 @@ def _cell(row: Any, col: str, ran: bool, compact: bool = False, long_tied: bool 
             return Cell("…" if row.status == "running" else "-")
         kind = getattr(row, "output_type", None)
         shapes = _shapes(row.output_shapes, compact) if row.output_shapes or not kind else ""
+        if kind and compact and row.output_shapes:
+            kind = None  # plain text: the shapes (the type is in the Output line)
         return Cell(f"{kind} {shapes}".strip() if kind else shapes,
-                    title=f"{kind or ''} {format_shapes(row.output_shapes)}".strip())
+                    title=f"{getattr(row, 'output_type', None) or ''} "
+                          f"{format_shapes(row.output_shapes)}".strip())
     if col == "params":
         missing = getattr(row, "uninitialized", 0) or getattr(row, "unknown", 0)
         if missing:  # lazy / unreadable weights: never a bare 0
