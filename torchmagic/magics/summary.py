@@ -102,7 +102,7 @@ class SummaryMagics(TorchMagics):
         (every element positional: ``(feats,)`` passes a dict as one argument); a dict or a
         tokenizer's ``BatchEncoding`` is keyword arguments (``model(**batch)``); ``name=EXPR``
         adds a keyword argument, also beside shapes (``(1,3,224,224) return_dict=False``).
-        ``--args EXPR`` / ``--kwargs EXPR`` give them explicitly.
+        ``--args EXPR`` / ``--kwargs EXPR`` give them explicitly. Write options after INPUTS.
 
         The model is never changed: the forward runs on a twin (flags, buffers, Python
         attributes, hooks, RNG and global torch state are the same afterwards; lazy modules stay
@@ -117,7 +117,7 @@ class SummaryMagics(TorchMagics):
             %summary gpt ids --meta
             %summary bert batch                       # batch = tokenizer(...): keyword arguments
             %summary encoder (feats,)                 # forward(self, features): one dict argument
-            %summary vit (3,224,224) --batch-dim 0 output_attentions=True
+            %summary vit (3,224,224) output_attentions=True --batch-dim 0
             %summary model (1,10) --columns params,flops -o s
         """
         from torchmagic.core.summary import summary
