@@ -98,8 +98,12 @@ def normalize_shapes(input_size: Any) -> list[tuple[int, ...]]:
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of floating inputs made from shapes: the model's first float32/bf16/fp16/fp64
+    parameter or buffer (quantized and float8 weights skipped), else torch's default dtype."""
     for t in [*model.parameters(), *model.buffers()]:
-        if t.dtype.is_floating_point:  # (an uninitialized lazy parameter has a dtype too)
+        # (an uninitialized lazy parameter has a dtype too; float8 weights are storage, not an
+        # activation dtype)
+        if t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             return t.dtype
     return torch.get_default_dtype()
 

@@ -249,6 +249,14 @@ def weight_notes(weights: list[Weight], unknown: list[str]) -> list[str]:
         n = sum(w.numel or 0 for w in packed)
         notes.append(f"{n:,} elements in {len(packed)} packed quantized weights (torch.ao "
                      "quantized modules: not in parameters(), not trainable) are counted")
+    kinds: dict[str, int] = {}
+    for w in weights:
+        if w.quant and w.numel is not None:
+            kinds[w.quant] = kinds.get(w.quant, 0) + w.numel
+    if kinds:
+        shown = ", ".join(f"{k} {n:,}" for k, n in sorted(kinds.items()))
+        notes.append(f"quantized / low-precision weights (elements): {shown}; bytes are what they "
+                     "store (integer data, scales and zero points)")
     if unknown:
         notes.append(f"packed weights of {', '.join(unknown[:4])} could not be read: their size "
                      "is unknown (not counted)")

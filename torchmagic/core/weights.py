@@ -190,6 +190,8 @@ def packed_weights(model: nn.Module) -> tuple[list[PackedWeight], list[str]]:
             tensors = _script_tensors(value)
             if tensors is None:
                 unknown.append(path or "(root)")
+                out.append(PackedWeight(name=".".join(p for p in (path, attr) if p), owner=path,
+                                        module_class=mod._get_name(), tensor=None))
                 continue
             declared = getattr(mod, "dtype", None)
             named = value._has_method("unpack") and len(tensors) <= 2
