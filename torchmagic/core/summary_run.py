@@ -149,6 +149,14 @@ def failure_hint(run: Run, plan: Plan, default_dtypes: bool, split_list: bool,
         return (" (a list or tuple written out as the inputs is the argument list: each element "
                 "is one positional argument; to pass the list as one argument, wrap it: (xs,) or "
                 "args=(xs,))")
+    if plan.meta and ("no fake impl or meta kernel" in low or "meta kernel registered" in low):
+        import re
+
+        op = re.search(r"(\w+::\w+)", str(err))
+        return (f" ({'the model is on the meta device, ' if plan.auto_meta else 'meta=True: '}"
+                f"{op.group(1) if op else 'an op of this forward'} has no meta kernel, so the "
+                "forward cannot run on meta tensors"
+                + ("" if plan.auto_meta else "; run on real weights without meta=True") + ")")
     if plan.meta and any(h in low for h in _META_HINTS):
         where = ("the model is on the meta device (no weights), so the forward ran on meta "
                  "tensors" if plan.auto_meta else "meta=True ran the forward on meta tensors")
