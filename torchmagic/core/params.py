@@ -235,6 +235,18 @@ def module_class(module: nn.Module) -> str:
     return name if isinstance(name, str) and name else type(module).__name__
 
 
+def mark_unsized(rows: dict[str, Any], w: Weight) -> None:
+    """Count a weight without a size (uninitialized lazy parameter, unreadable packed weight) in
+    the ``uninitialized`` / ``unknown`` field of every row owning it."""
+    for prefix in prefixes(w.name):
+        row = rows.get(prefix)
+        if row is not None:
+            if w.kind == "uninitialized":
+                row.uninitialized += 1
+            else:
+                row.unknown += 1
+
+
 def weight_notes(weights: list[Weight], unknown: list[str]) -> list[str]:
     """Notes on weights ``parameters()`` does not size: lazy, packed quantized, unreadable."""
     notes = []
@@ -294,13 +306,7 @@ def params(model: nn.Module, depth: int = 3, only: str | None = None,
     weights = index.weights()
     for w in weights:
         if w.numel is None:  # uninitialized (lazy) or unreadable: named, not counted
-            for prefix in prefixes(w.name):
-                row = rows.get(prefix)
-                if row is not None:
-                    if w.kind == "uninitialized":
-                        row.uninitialized += 1
-                    else:
-                        row.unknown += 1
+            mark_unsized(rows, w)
             continue
         n, b, dt = w.numel, w.nbytes or 0, w.dtype
         total += n
@@ -379,5 +385,5 @@ def params(model: nn.Module, depth: int = 3, only: str | None = None,
     )
 
 
-__all__ = ["ParamIndex", "ParamReport", "ParamRow", "TiedParam", "module_class", "params",
-           "require_module", "weight_notes"]
+__all__ = ["ParamIndex", "ParamReport", "ParamRow", "TiedParam", "mark_unsized", "module_class",
+           "params", "require_module", "weight_notes"]

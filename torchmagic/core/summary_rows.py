@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from torchmagic.core.params import (
     ParamIndex,
+    mark_unsized,
     module_class,
     module_depth,
     prefixes,
@@ -132,13 +133,7 @@ def param_rows(model: nn.Module, depth: int,
         if w.numel is None:
             if w.kind == "uninitialized":
                 tot.uninitialized.append(w.name)
-            for prefix in prefixes(w.name):
-                row = rows.get(prefix)
-                if row is not None:
-                    if w.kind == "uninitialized":
-                        row.uninitialized += 1
-                    else:
-                        row.unknown += 1
+            mark_unsized(rows, w)
             continue
         n, b = w.numel, w.nbytes or 0
         tot.total += n
