@@ -154,7 +154,7 @@ def parse_columns(columns: Sequence[str] | str | None) -> list[str] | None:
         if key not in out:
             out.append(key)
     if not out:
-        raise TorchMagicError(f"--columns needs at least one of: {', '.join(COLUMNS)}")
+        raise TorchMagicError(f"columns needs at least one of: {', '.join(COLUMNS)}")
     return out
 
 

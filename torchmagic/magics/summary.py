@@ -30,6 +30,7 @@ _FLAGS = [
     (re.compile(r"\bbatch_dim\b"), "--batch-dim"),
     (re.compile(r"\bkwargs=\b"), "name=EXPR INPUTS or --kwargs"),
     (re.compile(r"\bkwargs must be\b"), "--kwargs must be"),
+    (re.compile(r"^columns needs\b"), "--columns needs"),
 ]
 
 
