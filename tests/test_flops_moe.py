@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import requires_cuda
 
 from torchmagic.core.flops import does_multiply_add, grouped_mm_flops
 from torchmagic.core.summary import summary
@@ -154,3 +155,13 @@ def test_does_multiply_add_names() -> None:
 def test_recurrent_kernels_are_not_reported_when_counted_analytically() -> None:
     s = summary(nn.LSTM(8, 16, batch_first=True), input_size=(2, 5, 8))
     assert not s.uncounted and s.rows[0].analytic_flops
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_grouped_mm_moe_on_cuda_bf16() -> None:
+    """The CUDA grouped-GEMM kernel (bf16), padding rows after the routed ones not counted."""
+    router, experts = hand_count()
+    m = GroupedMoE(pad=6).to(torch.bfloat16)
+    s = summary(m, input_size=(T, D), device="cuda")
+    assert s.total_flops == router + experts and not s.uncounted

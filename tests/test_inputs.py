@@ -10,7 +10,7 @@ from collections import UserDict
 import pytest
 import torch
 import torch.nn as nn
-from conftest import run
+from conftest import requires_cuda, run
 from IPython.core.error import UsageError
 from statecheck import Snapshot
 
@@ -292,3 +292,15 @@ def test_magic_messages_name_flags_not_python_arguments(ip, line: str, words: st
     assert words in msg and "\n" not in msg, msg
     if absent:
         assert absent not in msg, msg
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_inputs_too_big_for_free_gpu_memory() -> None:
+    free, _ = torch.cuda.mem_get_info()
+    side = int((2 * free / 4) ** 0.5) + 1
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(InputMemoryError) as info:
+        summary(nn.Identity(), input_size=(side, side), device="cuda")
+    assert info.value.device.startswith("cuda") and "meta=True" in str(info.value)
+    assert torch.cuda.memory_allocated() == before  # nothing was made

@@ -175,7 +175,10 @@ class SummaryMagics(TorchMagics):
         """Parameters of a model: total, trainable and frozen (counts and %), bytes by dtype, the
         devices they live on (a WARNING when split across devices), a per-module breakdown down
         to --depth, tied parameters listed once with all their names, and buffers counted
-        separately. Reads metadata only: works on meta models of any size.
+        separately. Reads metadata only: works on meta models of any size. Quantized modules
+        count their packed weights (true bytes by dtype, e.g. qint8); tensor-subclass and float8
+        weights count the bytes they store; lazy modules' uninitialized parameters are named,
+        not counted as 0.
 
         Examples::
 
