@@ -186,3 +186,22 @@ def test_torchinfo_follows_the_text_width(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(fmt, "text_width", lambda default=100: 72)
     s = summary(LongNames(), input_size=(2, 8), depth=4, torchinfo=True)
     assert max(len(li) for li in s.torchinfo.splitlines()) <= 72
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("meta", [False, True])
+def test_nested_tensor_buffer(meta: bool) -> None:
+    class WithNested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+            self.register_buffer("memory", torch.nested.nested_tensor(
+                [torch.randn(3, 8), torch.randn(5, 8)], layout=torch.jagged))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + self.lin(self.memory).values().sum()
+
+    m = WithNested()
+    s = summary(m, input_size=(2, 8), meta=meta)
+    assert s.buffer_bytes == 8 * 8 * 4 + 3 * 8  # values + int64 offsets
+    assert s.total_flops == 2 * 2 * 8 * 4 + 2 * (3 + 5) * 8 * 4

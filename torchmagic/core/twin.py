@@ -37,6 +37,10 @@ def meta_tensor(t: torch.Tensor) -> torch.Tensor:
     """An uninitialised meta tensor with ``t``'s shape, dtype, strides and ``requires_grad``."""
     if _lazy(t):
         return uninitialized_like(t, "meta")
+    if t.is_nested:  # a nested tensor has no strides to copy: its own .to keeps the layout
+        out = t.detach().to("meta")
+        return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+            else out
     if isinstance(t, nn.Parameter):
         return nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
     out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="meta")
