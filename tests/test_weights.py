@@ -310,3 +310,10 @@ def test_quantized_magics(ip) -> None:
     assert "18,944" in shown and "DynamicQuantizedLinear" in shown
     _, shown = run(ip, "params q")
     assert "2,410" in shown and "qint8" in shown
+
+
+def test_lazy_and_quantized_models_are_released() -> None:
+    from statecheck import assert_released
+
+    assert_released(lazy_net, lambda m: summary(m, input_size=(4, 7)))
+    assert_released(lambda: dynamic_quantized()[1], lambda m: summary(m, input_size=(4, 64)))
