@@ -317,3 +317,28 @@ def test_lazy_and_quantized_models_are_released() -> None:
 
     assert_released(lazy_net, lambda m: summary(m, input_size=(4, 7)))
     assert_released(lambda: dynamic_quantized()[1], lambda m: summary(m, input_size=(4, 64)))
+
+
+def test_dynamic_quantized_lstm() -> None:
+    """Packed LSTM cell params hold their biases twice (state and packed linear): counted once;
+    FLOPs are the analytic recurrent count, as for the float model."""
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(x)[0])
+
+    torch.manual_seed(0)
+    f = Tagger()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.LSTM, nn.Linear},
+                                               dtype=torch.qint8)
+    s = summary(q, input_size=(2, 5, 8))
+    assert s.total_params == sum(p.numel() for p in f.parameters())
+    per_token = sum(2 * 4 * 16 * (i + 16) for i in (8, 16))  # 4 gates, layer inputs 8 then 16
+    assert s.total_flops == 2 * 5 * per_token + 2 * 2 * 5 * 16 * 4
+    rows = {r.path: r for r in s.rows}
+    assert rows["lstm"].analytic_flops and not s.uncounted
+    assert rows["lstm._all_weight_values"].status == "in parent"

@@ -298,11 +298,20 @@ def _uses_children(model: nn.Module) -> set[str]:
     """Modules whose forward uses their children's weights without calling them:
     ``nn.MultiheadAttention`` (``out_proj``) and quantized modules (their packed params)."""
     out = set()
-    for path, mod in model.named_modules():
+    mods = dict(model.named_modules())
+    for path, mod in mods.items():
         if isinstance(mod, nn.MultiheadAttention):
             out.add(path)
         elif any(isinstance(v, torch.ScriptObject) for v in vars(mod).values()) and path:
-            out.add(path.rpartition(".")[0])
+            # the quantized module that owns these packed params (a dynamic LSTM keeps them in a
+            # ModuleList of PackedParameter), else the direct parent
+            parent = path.rpartition(".")[0]
+            owner = parent
+            while owner:
+                if type(mods[owner]).__module__.startswith("torch.ao.nn.quantized"):
+                    break
+                owner = owner.rpartition(".")[0]
+            out.add(owner if owner else parent)
     return out
 
 

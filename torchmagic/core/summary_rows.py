@@ -253,6 +253,8 @@ def fill_rows(result: Any, rows: dict[str, SummaryRow], tracer: Any, counter: An
         for r in result.rows:
             if not r.calls and r.path not in containers:
                 parent = rows.get(r.path.rpartition(".")[0]) if r.path else None
+                while parent is not None and not parent.calls and parent.path:
+                    parent = rows.get(parent.path.rpartition(".")[0])  # up to the called one
                 if parent is not None and parent.calls and parent.path in used_inside:
                     r.status = "in parent"
                     inside.append(r.name)

@@ -158,21 +158,30 @@ def _script_tensors(obj: Any, depth: int = 0) -> list[torch.Tensor] | None:
             continue
     if state is None:
         return None
-    out: list[torch.Tensor] = []
+    own: list[torch.Tensor] = []
+    nested: list[torch.Tensor] = []
 
     def walk(x: Any) -> bool:
         if isinstance(x, torch.Tensor):
-            out.append(x)
+            own.append(x)
         elif isinstance(x, torch.ScriptObject):
             inner = _script_tensors(x, depth + 1)
             if inner is None:
                 return False
-            out.extend(inner)
+            nested.extend(inner)
         elif isinstance(x, (list, tuple)):
             return all(walk(y) for y in x)
         return True
 
-    return out if walk(state) else None
+    if not walk(state):
+        return None
+    # A dynamic RNN cell's state lists its biases and also its packed linear params, which
+    # unpack to (weight, bias) again: a tensor equal to an unpacked one is the same weight.
+    def duplicate(t: torch.Tensor) -> bool:
+        return any(u.shape == t.shape and u.dtype == t.dtype and not u.is_quantized
+                   and torch.equal(u, t) for u in nested)
+
+    return nested + [t for t in own if t.is_quantized or not duplicate(t)]
 
 
 def packed_weights(model: nn.Module) -> tuple[list[PackedWeight], list[str]]:
