@@ -22,6 +22,7 @@ import torch.nn as nn
 from torchmagic.core._result import Result
 from torchmagic.core.errors import TorchMagicError, a_type
 from torchmagic.core.state import default_device
+from torchmagic.core.weights import is_uninitialized, nbytes_of, numel_of
 
 MAX_MODULES_LISTED = 8
 
@@ -89,8 +90,8 @@ def _add(usage: dict[tuple[str, str], DeviceUsage], role: str, t: torch.Tensor) 
     if u is None:
         u = usage[key] = DeviceUsage(role=role, device=str(t.device))
     u.tensors += 1
-    u.elements += t.numel()
-    u.bytes += t.numel() * t.element_size()
+    u.elements += numel_of(t)  # an uninitialized (lazy) parameter: 0, noted in the report
+    u.bytes += nbytes_of(t)
     dt = str(t.dtype).replace("torch.", "")
     if dt not in u.dtypes:
         u.dtypes.append(dt)
@@ -168,6 +169,12 @@ def _module_report(model: nn.Module, name: str) -> DeviceReport:
                           usage=_sorted(usage), devices=devs, mixed=False)
     if not usage:
         report.notes.append(f"{name} has no parameters or buffers")
+    lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if is_uninitialized(t)]
+    if lazy:
+        shown = ", ".join(lazy[:4]) + (" ..." if len(lazy) > 4 else "")
+        report.notes.append(f"{len(lazy)} uninitialized tensors of lazy modules ({shown}): their "
+                            "device is where a first forward will create them; no elements yet")
     _flag_mixed(report)
     if report.mixed:
         report.modules_by_device = _modules_by_device(model)

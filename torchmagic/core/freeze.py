@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from torchmagic.core._result import Result
 from torchmagic.core.errors import TorchMagicError, a_type
+from torchmagic.core.weights import is_uninitialized, numel_of
 
 _MAX_NAMES = 12
 
@@ -65,6 +66,9 @@ class FreezeReport(Result):
     # each changed one, and of each one left alone because one of its names is under --except.
     tied_changed: list[list[str]] = field(default_factory=list)
     tied_kept: list[list[str]] = field(default_factory=list)
+    # Changed parameters of lazy modules (no size yet: counted as 0 elements above); the flag
+    # is kept when their first forward materializes them.
+    uninitialized: int = 0
 
 
 def _path_segments(path: str) -> list[str]:
@@ -192,21 +196,27 @@ def set_requires_grad(model: nn.Module, paths: Sequence[str] = ("",), requires_g
             continue
         if p.requires_grad == requires_grad:
             already += 1
-        elif requires_grad and not (p.is_floating_point() or p.is_complex()):
+        elif requires_grad and not (p.dtype.is_floating_point or p.dtype.is_complex):
             skipped += 1
         else:
             targets.append(p)
     # scope params that live outside model.parameters() cannot exist (all come from model)
     before_t = sum(1 for p in all_params if p.requires_grad)
-    before = sum(p.numel() for p in all_params if p.requires_grad)
+    before = sum(numel_of(p) for p in all_params if p.requires_grad)
     done: list[nn.Parameter] = []
+    def set_flag(p: nn.Parameter, flag: bool) -> None:
+        if is_uninitialized(p):  # a lazy parameter refuses requires_grad_(); the attribute works
+            p.requires_grad = flag
+        else:
+            p.requires_grad_(flag)
+
     try:
         for p in targets:
-            p.requires_grad_(requires_grad)
+            set_flag(p, requires_grad)
             done.append(p)
     except BaseException:
         for p in done:  # all or nothing, even on KeyboardInterrupt
-            p.requires_grad_(not requires_grad)
+            set_flag(p, not requires_grad)
         raise
     mods: list[str] = []
     for p in targets:
@@ -220,14 +230,15 @@ def set_requires_grad(model: nn.Module, paths: Sequence[str] = ("",), requires_g
     report = FreezeReport(
         action="unfreeze" if requires_grad else "freeze", model=name, targets=label,
         excepted=[f"{name}.{p}" if p else name for p in exclude],
-        changed_params=len(targets), changed_elements=sum(p.numel() for p in targets),
+        changed_params=len(targets), changed_elements=sum(numel_of(p) for p in targets),
         changed_modules=mods, already=already, skipped_non_float=skipped,
-        total_params=len(all_params), total_elements=sum(p.numel() for p in all_params),
+        total_params=len(all_params), total_elements=sum(numel_of(p) for p in all_params),
         trainable_params_before=before_t,
         trainable_params_after=sum(1 for p in all_params if p.requires_grad),
         trainable_before=before,
-        trainable_after=sum(p.numel() for p in all_params if p.requires_grad),
+        trainable_after=sum(numel_of(p) for p in all_params if p.requires_grad),
         tied_changed=tied_changed, tied_kept=tied_kept,
+        uninitialized=sum(1 for p in targets if is_uninitialized(p)),
     )
     if not requires_grad:
         names = {id(m): n for n, m in model.named_modules()}

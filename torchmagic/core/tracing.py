@@ -21,7 +21,9 @@ from torch.utils._pytree import tree_flatten
 
 def _tensor_leaves(obj: Any, depth: int = 0) -> list[Any]:
     """Leaves of ``tree_flatten``, with dataclass instances and dict/list/tuple subclasses that
-    pytree does not know (a model returning ``@dataclass Output(logits=...)``) opened too."""
+    pytree does not know (a model returning ``@dataclass Output(logits=...)``) opened too; a
+    top-level object of another kind (a ``torch.distributions.Categorical``) gives the tensors among
+    its own attributes."""
     import dataclasses
     from collections.abc import Mapping
 
@@ -38,15 +40,52 @@ def _tensor_leaves(obj: Any, depth: int = 0) -> list[Any]:
             if isinstance(leaf, (list, tuple)):
                 out.extend(_tensor_leaves(list(leaf), depth + 1))
                 continue
+            if depth == 0 and leaf is obj and not isinstance(leaf, (nn.Module, type)) and \
+                    isinstance(getattr(leaf, "__dict__", None), dict):
+                seen: set[int] = set()
+                for v in vars(leaf).values():  # each tensor once (Categorical: _param is logits)
+                    if isinstance(v, torch.Tensor) and id(v) not in seen:
+                        seen.add(id(v))
+                        out.append(v)
+                continue
         out.append(leaf)
     return out
+
+
+def output_type(obj: Any) -> str | None:
+    """The type of a forward's result when it is not a tensor or a plain tuple/list/dict/None:
+    ``"Categorical"``, a dataclass, a ``ModelOutput`` (``"CausalLMOutputWithPast"``), a
+    namedtuple. None otherwise."""
+    if obj is None or type(obj) in (tuple, list, dict) or isinstance(obj, torch.Tensor) and \
+            type(obj) in (torch.Tensor, nn.Parameter):
+        return None
+    if isinstance(obj, torch.Tensor):
+        return "nested tensor" if obj.is_nested else type(obj).__name__
+    return type(obj).__name__
+
+
+def shape_of(t: torch.Tensor) -> tuple[Any, ...]:
+    """``t``'s shape; ragged dimensions of nested tensors as ``j1`` (jagged layout) or ``*``
+    (strided layout: the sizes of the components differ there)."""
+    try:
+        return tuple(int(s) if not isinstance(s, torch.SymInt) else s for s in t.shape)
+    except (RuntimeError, ValueError):
+        pass
+    if t.is_nested:
+        try:
+            sizes = t._nested_tensor_size()  # (components, dims) of a strided nested tensor
+            dims = [int(sizes[:, i].max()) if bool((sizes[:, i] == sizes[0, i]).all()) else "*"
+                    for i in range(sizes.shape[1])]
+            return (int(sizes.shape[0]), *dims)
+        except Exception:  # noqa: BLE001 - describe it as ragged
+            return (t.size(0), "*")
+    return ("?",)
 
 
 def tensor_shapes(obj: Any) -> list[tuple[int, ...]]:
     """Shapes of every tensor found in a nested structure (tuple/list/dict/dataclass-like)."""
     leaves = _tensor_leaves(obj)
-    return [tuple(int(s) if not isinstance(s, torch.SymInt) else s for s in t.shape)
-            for t in leaves if isinstance(t, torch.Tensor)]
+    return [shape_of(t) for t in leaves if isinstance(t, torch.Tensor)]
 
 
 def format_shape(shape: tuple[Any, ...]) -> str:
@@ -63,13 +102,16 @@ def format_shapes(shapes: list[tuple[Any, ...]]) -> str:
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in a nested structure (each distinct tensor once)."""
+    from torchmagic.core.weights import nbytes_of
+
     leaves = _tensor_leaves(obj)
     seen: set[int] = set()
     total = 0
     for t in leaves:
         if isinstance(t, torch.Tensor) and id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += t.numel() * t.element_size() if type(t) is torch.Tensor and not t.is_nested \
+                else nbytes_of(t)
     return total
 
 
@@ -85,6 +127,8 @@ class ModuleCall:
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     output_shapes: list[tuple[int, ...]] | None = None  # None while running / on failure
     output_bytes: int = 0
+    output_type: str | None = None  # a non-tensor result's type ("Categorical", a ModelOutput)
+    kwargs: list[str] = field(default_factory=list)  # keyword arguments (their shapes are last)
     extra: dict[str, Any] = field(default_factory=dict)  # per-tool data (e.g. flops)
 
     @property
@@ -145,10 +189,41 @@ class ModuleTracer:
                 call = self.calls[idx]
                 call.output_shapes = tensor_shapes(output)
                 call.output_bytes = tensor_bytes(output)
+                call.output_type = output_type(output)
                 for fn in self.on_exit:
                     fn(call)
                 break
         return None
+
+    def _pre_kwargs(self, module: nn.Module, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> None:
+        """A module's own ``with_kwargs`` pre-hook (see :meth:`watch_kwargs`): adds the keyword
+        arguments the global hook cannot see to the call just started."""
+        if not kwargs or not self.stack:
+            return None
+        call = self.calls[self.stack[-1]]
+        ref = self._modules.get(call.index)
+        if ref is None or ref() is not module or call.kwargs:
+            return None
+        names = [k for k, v in kwargs.items() if tensor_shapes(v)]
+        if names:
+            call.kwargs = names
+            call.input_shapes = call.input_shapes + tensor_shapes([kwargs[k] for k in names])
+        return None
+
+    @contextlib.contextmanager
+    def watch_kwargs(self, root: nn.Module) -> Iterator[None]:
+        """Record the tensor keyword arguments of every call of ``root``'s modules (global module
+        hooks never see them). Registers a ``with_kwargs`` forward pre-hook on each module of
+        ``root``: use it on a twin torchmagic owns, never on the user's model. Always removed."""
+        handles = []
+        try:
+            for mod in root.modules():
+                handles.append(mod.register_forward_pre_hook(self._pre_kwargs, with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     # -- failure -------------------------------------------------------------------------------
     @property

@@ -15,8 +15,32 @@ import torch
 import torch.nn as nn
 
 
+def uninitialized_like(t: torch.Tensor, device: Any = None) -> torch.Tensor:
+    """A fresh ``UninitializedParameter``/``UninitializedBuffer`` like ``t`` (a lazy module's
+    parameter) on ``device`` (default: ``t``'s): the twin's lazy module materializes its own on
+    its first forward, the user's stays lazy."""
+    from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+    dev = t.device if device is None else torch.device(device)
+    if isinstance(t, UninitializedParameter):
+        return UninitializedParameter(requires_grad=t.requires_grad, device=dev, dtype=t.dtype)
+    return UninitializedBuffer(requires_grad=t.requires_grad, device=dev, dtype=t.dtype)
+
+
+def _lazy(t: torch.Tensor) -> bool:
+    from torch.nn.parameter import is_lazy
+
+    return is_lazy(t)
+
+
 def meta_tensor(t: torch.Tensor) -> torch.Tensor:
     """An uninitialised meta tensor with ``t``'s shape, dtype, strides and ``requires_grad``."""
+    if _lazy(t):
+        return uninitialized_like(t, "meta")
+    if t.is_nested:  # a nested tensor has no strides to copy: its own .to keeps the layout
+        out = t.detach().to("meta")
+        return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+            else out
     if isinstance(t, nn.Parameter):
         return nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
     out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="meta")
@@ -34,6 +58,12 @@ def tensor_memo(model: nn.Module, convert: Any = meta_tensor) -> dict[int, Any]:
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in memo:
             memo[id(t)] = convert(t)
+    # Packed quantized weights (torch.ScriptObject in quantized modules) are read-only in a
+    # forward: the twin shares them rather than copying every int8 weight.
+    for mod in model.modules():
+        for value in vars(mod).values():
+            if isinstance(value, torch.ScriptObject):
+                memo.setdefault(id(value), value)
     return memo
 
 
@@ -53,6 +83,8 @@ def device_twin(model: nn.Module, device: torch.device | str) -> nn.Module:
     device = torch.device(device)
 
     def convert(t: torch.Tensor) -> torch.Tensor:
+        if _lazy(t):
+            return uninitialized_like(t, device)
         with torch.no_grad():
             moved = t.detach().to(device, copy=True)
         if isinstance(t, nn.Parameter):
@@ -60,6 +92,29 @@ def device_twin(model: nn.Module, device: torch.device | str) -> nn.Module:
         return moved
 
     return twin(model, convert)
+
+
+def shared_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter that shares ``t``'s storage (no weight copied; a new ``nn.Parameter`` object,
+    so nothing set on it reaches the user's), or a clone of a buffer (in-place updates such as
+    BatchNorm's running statistics land in the clone); a lazy one becomes a fresh uninitialized
+    parameter."""
+    if _lazy(t):
+        return uninitialized_like(t)
+    if isinstance(t, nn.Parameter):
+        try:
+            return nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+        except Exception:  # noqa: BLE001 - a tensor subclass that cannot be re-wrapped: shared
+            return t
+    with torch.no_grad():
+        return t.detach().clone()
+
+
+def shared_twin(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` that runs on the same weights: parameters share the user's
+    storage, buffers are clones, Python attributes, flags and submodules are the twin's own.
+    What a forward writes (``self.steps += 1``, running statistics, caches) stays in the twin."""
+    return twin(model, shared_tensor)
 
 
 def model_devices(model: nn.Module) -> set[torch.device]:

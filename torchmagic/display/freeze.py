@@ -52,6 +52,10 @@ def _notes(r: Any) -> list[str]:
         notes.append(f"tied weights: {' = '.join(_full(r, n) for n in names)} is one tensor, "
                      "left as it was: one of "
                      "its names is under --except")
+    if getattr(r, "uninitialized", 0):  # lazy modules (issue 12): no element count yet
+        notes.append(f"{_n(r.uninitialized, 'uninitialized parameter')} of lazy modules: no "
+                     "elements until the first forward (counted as 0 here); the flag stays when "
+                     "it materializes them")
     if r.already:
         state = "frozen" if r.action == "freeze" else "trainable"
         notes.append(f"{_n(r.already, 'parameter')} in scope "

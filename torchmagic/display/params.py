@@ -18,6 +18,19 @@ def _count(n: int, what: str = "parameters") -> Cell:
     return Cell(human_count(n), title=f"{exact(n)} {what}")
 
 
+def _params_cell(row: Any) -> Cell:
+    """The count, plus ``lazy`` / ``?`` for weights whose size is not known (uninitialized lazy
+    parameters, unreadable packed weights): never a bare 0 for them."""
+    cell = _count(row.params)
+    missing = [f"{n} {what}" for n, what in ((getattr(row, "uninitialized", 0), "uninitialized"),
+                                             (getattr(row, "unknown", 0), "unknown size")) if n]
+    if missing:
+        mark = "lazy" if getattr(row, "uninitialized", 0) else "?"
+        cell = Cell(mark if not row.params else f"{cell.text} +{mark}",
+                    title=f"{exact(row.params)} parameters counted; {', '.join(missing)}")
+    return cell
+
+
 def title(r: Any) -> str:
     which = {"trainable": ", trainable only", "frozen": ", frozen only"}.get(r.only or "", "")
     return f"{r.name} ({r.model_class}) parameters (depth {r.depth}{which})"
@@ -47,7 +60,7 @@ def table(r: Any, compact: bool = False) -> Table:
     rows = []
     for row in r.rows:
         cells: list[object] = [Cell(row.name, title=row.path or r.model_class), row.cls,
-                               _count(row.params),
+                               _params_cell(row),
                                Cell(f"{row.percent:.1f}%" if row.params else "-",
                                     title=f"{row.percent:.4f}%")]
         if show_split:

@@ -65,8 +65,20 @@ def _cell(row: Any, col: str, ran: bool, compact: bool = False, long_tied: bool 
             return Cell("FAILED", css="tm-bad")
         if row.output_shapes is None:
             return Cell("…" if row.status == "running" else "-")
-        return Cell(_shapes(row.output_shapes, compact), title=format_shapes(row.output_shapes))
+        kind = getattr(row, "output_type", None)
+        shapes = _shapes(row.output_shapes, compact) if row.output_shapes or not kind else ""
+        if kind and compact and row.output_shapes:
+            kind = None  # plain text: the shapes (the type is in the Output line)
+        return Cell(f"{kind} {shapes}".strip() if kind else shapes,
+                    title=f"{getattr(row, 'output_type', None) or ''} "
+                          f"{format_shapes(row.output_shapes)}".strip())
     if col == "params":
+        missing = getattr(row, "uninitialized", 0) or getattr(row, "unknown", 0)
+        if missing:  # lazy / unreadable weights: never a bare 0
+            mark = "lazy" if getattr(row, "uninitialized", 0) else "?"
+            return Cell(mark if not row.params else f"{human_count(row.params)} +{mark}",
+                        title=f"{exact(row.params)} parameters counted; {missing} tensors of "
+                              "unknown size")
         shown = human_count(row.params)
         if compact and row.tied:
             if long_tied:
@@ -86,9 +98,16 @@ def _cell(row: Any, col: str, ran: bool, compact: bool = False, long_tied: bool 
         c = _flops(row.flops)
         if compact and row.analytic_flops:
             c.text += "*"
+        if getattr(row, "uncounted", 0):
+            c.text += "+?"  # ops without a FLOP formula ran here: see the NOT COUNTED note
         return c
     if col == "macs":
-        return Cell("-") if not_run else _flops(row.macs)
+        if not_run:
+            return Cell("-")
+        c = _flops(row.macs)
+        if getattr(row, "uncounted", 0):
+            c.text += "+?"
+        return c
     if col == "bytes":
         if row.output_bytes is None:
             return Cell("-")
@@ -110,6 +129,10 @@ def _note(row: Any) -> str:
         parts.append("weights used by the parent's forward (FLOPs there)")
     if row.analytic_flops:
         parts.append("analytic FLOPs")
+    if getattr(row, "shared", None):
+        parts.append(f"also registered as {', '.join(row.shared)}")
+    if getattr(row, "uncounted", 0):
+        parts.append(f"{row.uncounted} op calls not counted")
     return "; ".join(parts)
 
 
@@ -180,15 +203,18 @@ def totals(s: Any) -> list[tuple[str, Cell]]:
                                      title=f"{exact(s.buffer_bytes)} bytes")))
     if s.ran_forward:
         label = "Forward FLOPs" + (" (up to the failure)" if s.error else "")
+        missing = " + ops not counted (see NOT COUNTED)" if getattr(s, "uncounted", None) else ""
         out.append((label, Cell(
             f"{human_flops(s.total_flops)} ({exact(s.total_flops)}); MACs "
-            f"{human_flops(s.total_macs, unit='')}".rstrip(),
+            f"{human_flops(s.total_macs, unit='')}".rstrip() + missing,
             title=f"{exact(s.total_flops)} FLOPs = 2 x {exact(s.total_macs)} multiply-adds")))
         out.append(("Activation bytes", Cell(
             f"{human_bytes(s.activation_bytes)} (outputs of leaf-module calls)",
             title=f"{exact(s.activation_bytes)} bytes")))
-        if s.output_shapes:
-            out.append(("Output", Cell(format_shapes(s.output_shapes))))
+        kind = getattr(s, "output_type", None)
+        if s.output_shapes or kind:
+            shapes = format_shapes(s.output_shapes or []) if s.output_shapes else "no tensors"
+            out.append(("Output", Cell(f"{kind}: {shapes}" if kind else shapes)))
     return out
 
 

@@ -170,14 +170,29 @@ class TorchMagics(Magics):
         self.cfg = cfg
 
     def parse_inputs(self, tokens: list[str]) -> tuple[list[tuple[int, ...]] | None, list[Any]]:
-        """INPUTS tokens as ``%summary`` takes them -> ``(shapes, None)`` or ``(None, values)``.
+        """INPUTS tokens as ``%summary`` takes them -> ``(shapes, values)`` for
+        ``prepare_inputs(model, *values, input_size=shapes)``.
 
         A token that is a literal shape (``(1,3,32,32)``, ``[(2,16),(2,16)]``) or evaluates to one
-        (``x.shape``) is a shape; anything else is evaluated in the namespace (tensors, tuples,
-        dicts of keyword arguments). Shapes and values cannot be mixed."""
+        (``x.shape``) is a shape; ``name=EXPR`` is a keyword argument; anything else is evaluated
+        in the namespace (tensors, an argument tuple ``(feats,)`` whose every element is
+        positional, a dict or a tokenizer's ``BatchEncoding`` of keyword arguments). Keyword
+        arguments collect into one dict, last in ``values``. Shapes can come with keyword
+        arguments (a ``name=EXPR`` or a mapping), not with other values."""
+        import re
+        from collections.abc import Mapping
+
         shapes: list[tuple[int, ...]] = []
         values: list[Any] = []
+        keywords: dict[str, Any] = {}
         for tok in tokens:
+            kw = re.match(r"^([A-Za-z_]\w*)=(?!=)(.+)$", tok, re.S)
+            if kw and not keyword.iskeyword(kw.group(1)):
+                name = kw.group(1)
+                if name in keywords:
+                    raise TorchMagicError(f"keyword input {name!r} given twice")
+                keywords[name] = self.evaluate(kw.group(2), f"keyword input {name}")
+                continue
             lit = _literal_shapes(tok)
             if lit is None:
                 if tok.lstrip().startswith(("(", "[")) and not any(c.isalpha() or c == "_"
@@ -193,9 +208,28 @@ class TorchMagics(Magics):
                 shapes.extend(lit)
             else:
                 values.append(value)
-        if shapes and values:
+        if shapes and not all(isinstance(v, Mapping) for v in values):
             raise TorchMagicError("give INPUTS either as shapes, e.g. (1,3,32,32), or as tensors / "
-                                  "expressions, not a mix")
+                                  "expressions, not a mix (keyword arguments can come with "
+                                  "shapes: name=EXPR or a dict)")
+        def merge(maps: list[Any]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for m in maps:
+                for k, v in m.items():
+                    if k in out:
+                        raise TorchMagicError(f"keyword input {k!r} given twice")
+                    out[k] = v
+            return out
+
+        if shapes and len(values) > 1:  # several mappings beside shapes: one set of keywords
+            values = [merge(values)]
+        if keywords:
+            if len(values) == 1 and type(values[0]) in (tuple, list):
+                values = [*values[0], keywords]  # the argument list written out, then keywords
+            elif values and isinstance(values[-1], Mapping):
+                values[-1] = merge([values[-1], keywords])
+            else:
+                values.append(keywords)
         return (shapes or None), values
 
     # evaluation in the user's namespace

@@ -7,12 +7,52 @@ not when the extension loads.
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
+
 from IPython.core.error import UsageError
 from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from torchmagic.core.errors import ForwardError, TorchMagicError
 from torchmagic.magics._base import TorchMagics, parse, user_errors
+
+# The plain-Python functions name their own arguments in messages; the magic says its flags.
+_FLAGS = [
+    (re.compile(r"dtypes='(\w+)'"), r"--dtypes \1"),
+    (re.compile(r"without meta=True"), "without --meta"),
+    (re.compile(r"\bmeta=True\b"), "--meta"),
+    (re.compile(r"\bargs=\((\w+),\)"), r"--args (\1,)"),
+    (re.compile(r"torchmagic\.meta_shape\(code, fake=True\)"), "%%meta_shape --fake"),
+    (re.compile(r"\bsmaller input_size\b"), "smaller shapes"),
+    (re.compile(r"\binput_size shapes\b"), "shapes"),
+    (re.compile(r"\bbatch_dim\b"), "--batch-dim"),
+    (re.compile(r"\bkwargs=\b"), "name=EXPR INPUTS or --kwargs"),
+    (re.compile(r"\bkwargs must be\b"), "--kwargs must be"),
+    (re.compile(r"^columns needs\b"), "--columns needs"),
+]
+
+
+def as_flags(message: str) -> str:
+    """A core message with its Python argument names replaced by this magic's flags."""
+    for pattern, repl in _FLAGS:
+        message = pattern.sub(repl, message)
+    return message
+
+
+@contextlib.contextmanager
+def _flag_names() -> Iterator[None]:
+    """Re-raise core errors with ``%summary``'s flags in place of Python argument names."""
+    try:
+        yield
+    except ForwardError as exc:
+        exc.args = (as_flags(str(exc)),)
+        if exc.partial is not None and getattr(exc.partial, "error", None):
+            exc.partial.error = as_flags(exc.partial.error)
+        raise
+    except TorchMagicError as exc:
+        raise TorchMagicError(as_flags(str(exc))) from None
 
 
 @magics_class
@@ -26,6 +66,14 @@ class SummaryMagics(TorchMagics):
     @argument("--columns", metavar="COLS",
               help="comma-separated columns: input, output, params, trainable, percent, flops, "
                    "macs, bytes, kernel, calls")
+    @argument("--kwargs", metavar="EXPR",
+              help="keyword arguments of the forward: a dict (or any mapping) expression")
+    @argument("--args", metavar="EXPR",
+              help="positional arguments of the forward, taken as they are: a tuple expression, "
+                   "e.g. (feats,) for a forward(self, features) that takes one dict")
+    @argument("--batch-dim", type=int, default=None, metavar="N",
+              help="shapes are given without their batch dimension: a batch of 1 is inserted "
+                   "at position N (torchinfo's batch_dim)")
     @argument("--meta", action="store_true",
               help="run on a meta copy of the model: no weights read, no memory")
     @argument("--device", metavar="D", help="run on a copy of the model on device D (e.g. cuda)")
@@ -33,29 +81,44 @@ class SummaryMagics(TorchMagics):
               help="training flags for the run: same (each module keeps its own; default), "
                    "eval or train")
     @argument("--dtypes", metavar="DTYPES",
-              help="dtypes of shape inputs, comma-separated (e.g. long,float); integer inputs "
-                   "are zeros, floating ones random")
+              help="dtypes of shape inputs, comma-separated (e.g. long,float or "
+                   "torch.LongTensor); integer inputs are zeros, floating ones random")
     @argument("--depth", type=int, default=None, help="deepest module level shown (default 3)")
     @argument("model", metavar="MODEL", help="an nn.Module (any expression)")
     @argument("inputs", nargs="*", metavar="INPUTS",
-              help="shapes like (1,3,32,32) (several allowed), or tensors / tuples of tensors / a "
-                   "dict of keyword arguments from the namespace")
+              help="shapes like (1,3,32,32) (several allowed), or tensors / an argument tuple "
+                   "(every element positional) / a dict or tokenizer output (keyword arguments, "
+                   "as model(**batch)) from the namespace; name=EXPR adds a keyword argument "
+                   "(also beside shapes)")
     @line_magic
     def summary(self, line: str) -> None:
         """One row per module (down to --depth): input and output shapes, parameters (tied weights
         counted once), % of total, forward FLOPs (torch's counter plus SDPA on CPU, fused
-        attention and recurrent layers), output bytes, kernel size; then totals (parameters,
-        trainable/frozen, bytes by dtype, buffers, activations, FLOPs and MACs).
+        attention, mixture-of-experts grouped matmuls, quantized kernels and recurrent layers;
+        ops that cannot be counted are listed under NOT COUNTED), output bytes, kernel size; then
+        totals (parameters, trainable/frozen, bytes by dtype, buffers, activations, FLOPs and
+        MACs).
 
-        The model is never changed: flags, buffers (BatchNorm statistics), hooks, RNG and global
-        torch state are the same afterwards. With no INPUTS only parameters are listed. A failing
-        forward shows the table up to the failure and one line naming the failing module.
+        INPUTS: shapes, or values from the namespace. A tuple written out is the argument list
+        (every element positional: ``(feats,)`` passes a dict as one argument); a dict or a
+        tokenizer's ``BatchEncoding`` is keyword arguments (``model(**batch)``); ``name=EXPR``
+        adds a keyword argument, also beside shapes (``(1,3,224,224) return_dict=False``).
+        ``--args EXPR`` / ``--kwargs EXPR`` give them explicitly. Write options after INPUTS.
+
+        The model is never changed: the forward runs on a twin (flags, buffers, Python
+        attributes, hooks, RNG and global torch state are the same afterwards; lazy modules stay
+        lazy). Quantized modules count their packed weights; lazy ones without INPUTS are listed
+        as uninitialized. With no INPUTS only parameters are listed. A failing forward shows the
+        table up to the failure and one line naming the failing module.
 
         Examples::
 
             %summary cnn (1,3,32,32)
             %summary gpt (2,128) --dtypes long --depth 2
             %summary gpt ids --meta
+            %summary bert batch                       # batch = tokenizer(...): keyword arguments
+            %summary encoder (feats,)                 # forward(self, features): one dict argument
+            %summary vit (3,224,224) output_attentions=True --batch-dim 0
             %summary model (1,10) --columns params,flops -o s
         """
         from torchmagic.core.summary import summary
@@ -65,7 +128,7 @@ class SummaryMagics(TorchMagics):
                              "(see %summary? for every option)")
         args = parse(self.summary, line)
         result = None
-        with user_errors("%summary"):
+        with user_errors("%summary"), _flag_names():
             model = self.evaluate(args.model, "model")
             shapes, values = self.parse_inputs(args.inputs)
             depth = self.cfg.depth if args.depth is None else args.depth
@@ -73,13 +136,28 @@ class SummaryMagics(TorchMagics):
             if dtypes and not shapes:
                 raise TorchMagicError("--dtypes applies to shape inputs like (2,16); tensors keep "
                                       "their own dtype")
+            if args.batch_dim is not None and not shapes:
+                raise TorchMagicError("--batch-dim applies to shape inputs given without their "
+                                      "batch dimension, like (3,224,224)")
+            pos = kw = None
+            if args.args is not None:
+                if shapes or [v for v in values if not isinstance(v, dict)]:
+                    raise TorchMagicError("give positional inputs either as INPUTS or with "
+                                          "--args, not both")
+                pos = self.evaluate(args.args, "--args")
+            if args.kwargs is not None:
+                kw = self.evaluate(args.kwargs, "--kwargs")
+            if pos is not None and values:  # name=EXPR keywords beside --args
+                kw = {**(kw or {}), **values.pop()}
             self.check_output_name(args.output)  # before anything runs or changes
             try:
-                result = summary(model, *values, input_size=shapes, dtypes=dtypes, depth=depth,
+                result = summary(model, *values, args=pos, kwargs=kw, input_size=shapes,
+                                 dtypes=dtypes, batch_dim=args.batch_dim, depth=depth,
                                  mode=args.mode, device=args.device, meta=args.meta,
                                  columns=args.columns, torchinfo=args.torchinfo)
             except ForwardError as exc:
                 if exc.partial is not None:
+                    exc.partial.error = as_flags(exc.partial.error or "") or None
                     self.store(args.output, exc.partial)
                     self.show(exc.partial)
                 raise
@@ -97,7 +175,10 @@ class SummaryMagics(TorchMagics):
         """Parameters of a model: total, trainable and frozen (counts and %), bytes by dtype, the
         devices they live on (a WARNING when split across devices), a per-module breakdown down
         to --depth, tied parameters listed once with all their names, and buffers counted
-        separately. Reads metadata only: works on meta models of any size.
+        separately. Reads metadata only: works on meta models of any size. Quantized modules
+        count their packed weights (true bytes by dtype, e.g. qint8); tensor-subclass and float8
+        weights count the bytes they store; lazy modules' uninitialized parameters are named,
+        not counted as 0.
 
         Examples::
 
