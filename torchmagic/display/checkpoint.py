@@ -146,8 +146,7 @@ def html(rep: Any) -> str:
     if _is_load(rep):
         table = _diff_table(rep, MAX_HTML_ROWS)
         if table is not None:
-            inner = table.html()
-            body.append(inner)
+            body.append(table.html(wrap=False))
     for n in notes:
         body.append(f'<div class="tm-note tm-warn">{esc(n)}</div>')
     title = f"{exact(rep.file_bytes)} bytes"
