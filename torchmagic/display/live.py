@@ -239,10 +239,13 @@ class LivePanel:
     def _close_widgets(self) -> None:
         self._widget_shown = False
         for widget in self.widgets:
-            try:
-                widget.close()
-            except Exception:  # noqa: BLE001 - a closed comm: nothing left to free
-                pass
+            for model in (getattr(widget, "layout", None), getattr(widget, "style", None),
+                          widget):
+                try:
+                    if model is not None:
+                        model.close()
+                except Exception:  # noqa: BLE001 - a closed comm: nothing left to free
+                    pass
         self.widgets = []
 
 

@@ -72,7 +72,8 @@ def _cell(row: Any, col: str, ran: bool, compact: bool = False, long_tied: bool 
             return Cell("FAILED", css="tm-bad")
         if row.output_shapes is None:
             if row.status == "running":
-                return Cell("…", title="did not finish: a module inside it failed")
+                return Cell("failed inside", css="tm-bad",
+                            title="did not finish: a module inside it failed")
             return Cell("-")
         return Cell(_shapes(row.output_shapes, compact), title=format_shapes(row.output_shapes))
     if col == "params":
@@ -131,8 +132,9 @@ def _inputs_desc(s: Any, compact: bool = False) -> str:
 
 
 def title(s: Any, width: int | None = None) -> str:
-    """``GPT summary (input (2, 128) int64, mode same, on cpu, depth 3)``, within ``width``
-    characters (shapes compacted, then the input list cut with "…")."""
+    """``GPT summary (input (2, 128) int64, mode same, on cpu, depth 3)``: shapes compacted when
+    that makes it fit ``width``; a long input list is cut with "…" between shapes only (the text
+    wraps the title at spaces, never inside a shape)."""
     width = width or text_width()
 
     def build(inputs: str) -> str:
@@ -147,10 +149,14 @@ def title(s: Any, width: int | None = None) -> str:
     out = build(_inputs_desc(s))
     if len(out) > width:
         out = build(_inputs_desc(s, compact=True))
-    if len(out) > width:
-        inputs = _inputs_desc(s, compact=True)
-        cut = max(10, len(inputs) - (len(out) - width) - 1)
-        out = build(inputs[:cut].rstrip(", ") + "…")
+    limit = 2 * width  # a title of more than two lines: leave shapes out, a whole one at a time
+    if len(out) > limit and len(s.input_shapes) > 1:
+        shapes = list(s.input_shapes)
+        while len(shapes) > 1 and len(out) > limit:
+            shapes.pop()
+            more = len(s.input_shapes) - len(shapes)
+            dts = "/".join(sorted(set(s.input_dtypes)))
+            out = build(f"input {_shapes(shapes, True)}, … (+{more}) {dts}".rstrip())
     return out
 
 
@@ -186,9 +192,10 @@ def tree(s: Any, compact: bool = False, long_tied: bool = False,
             out.append(_note(r))
         return out
 
+    # "running": the module was inside the failing call (the failure may lie deeper than shown)
     rows = [TreeRow(path=r.path, depth=r.depth, cells=cells(r), css=_row_css(r),
-                    failed=r.status == "failed", data=r, title=r.path or s.model_class)
-            for r in s.rows]
+                    failed=r.status in ("failed", "running"), data=r,
+                    title=r.path or s.model_class) for r in s.rows]
 
     def totals(members: list[TreeRow]) -> list[Cell]:
         return [Cell(c) if isinstance(c, str) else c

@@ -134,7 +134,8 @@ def _table_text(obj: Any) -> str:
     return Table(headers=["name", "shape", "dtype", "device", "bytes", "requires_grad", "flag",
                           "memory"],
                  rows=rows, align=["l", "l", "l", "l", "r", "l", "l", "l"],
-                 title="tensors in the namespace, largest first", footer=footer, notes=notes)
+                 title="tensors in the namespace, largest first", footer=footer, notes=notes,
+                 drop=[7, 5, 3], fixed=[1, 6])
 
 
 def _is_table(obj: Any) -> bool:
