@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from torchmagic.display.format import esc, percent, text_width, wrap_text
-from torchmagic.display.table import CSS, Table, html_block
+from torchmagic.display.table import Table, html_block, page
 
 _FLOAT_KINDS = ("float", "bfloat", "complex")
 
@@ -143,10 +143,10 @@ def widget(rep: Any) -> Any:
 
     def render(*_: Any) -> None:
         dtype = None if pick.value == "all" else pick.value
-        body.value = f"<div class='tm-result'>{CSS}{_table(rep, dtype).html()}</div>"
+        body.value = _table(rep, dtype).html()
 
     pick.observe(render, names="value")
     render()
     head = w.HTML(html_block(headline(rep), ""))
-    extras = w.HTML(f"<div class='tm-result'>{CSS}{_extras_html(rep)}</div>")
+    extras = w.HTML(page(_extras_html(rep)))
     return w.VBox([head, pick, body, extras])

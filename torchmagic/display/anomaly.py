@@ -11,7 +11,7 @@ from typing import Any
 
 from torchmagic.core.tracing import format_shapes
 from torchmagic.display.format import esc, exact, human_count, text_width, wrap_text
-from torchmagic.display.table import CSS, Cell, Table, html_block
+from torchmagic.display.table import Cell, Table, html_block, page
 
 
 def _fit(s: str, width: int, indent: int = 4) -> list[str]:
@@ -150,7 +150,7 @@ def _kv_html(rows: list[tuple[str, str]], highlight: bool) -> str:
     (``white-space: pre-wrap``), so a quoted cell line reads as written."""
     cls = "tm-error" if highlight else "tm-error tm-plain"
     body = "".join(f'<tr><th style="padding:2px 10px 2px 0;text-align:left;vertical-align:top;'
-                   f'white-space:nowrap">{esc(k)}</th><td class="tm-mono" style="padding:2px 0;'
+                   f'white-space:nowrap">{esc(k)}</th><td class="tm-mono" style="padding:2px 0;text-align:left;'
                    f'white-space:pre-wrap">{esc(v)}</td></tr>' for k, v in rows)
     return (f'<div class="{cls}" style="padding:6px 10px;white-space:normal">'
             f'<table style="border-collapse:collapse;border:none">{body}</table></div>')
@@ -195,10 +195,8 @@ def widget(rep: Any) -> Any:
     import ipywidgets as w
 
     parts = _parts_html(rep)
-    style = f"<div class='tm-result'>{CSS}"
-
     def box(key: str) -> Any:
-        return w.HTML(style + parts[key] + "</div>")
+        return w.HTML(page(parts[key]))
 
     children = [box("header")]
     if "origin" in parts:

@@ -86,9 +86,9 @@ def _bar_html(used: int | None, reserved: int | None, total: int | None, width: 
     return (f'<span title="{esc(title)}" style="display:inline-block;width:{width}px;height:10px;'
             'border:1px solid rgba(127,127,127,.5);border-radius:3px;vertical-align:middle;'
             'overflow:hidden;white-space:nowrap;line-height:0">'
-            f'<span style="display:inline-block;height:10px;width:{wu:.1f}px;background:var(--tm-accent)">'
+            f'<span style="display:inline-block;height:10px;width:{wu:.1f}px;background:#1976d2">'
             '</span><span style="display:inline-block;height:10px;'
-            f'width:{wr:.1f}px;background:var(--tm-accent);opacity:.35"></span></span>')
+            f'width:{wr:.1f}px;background:#1976d2;opacity:.35"></span></span>')
 
 
 def _report_html(rep: Any) -> str:

@@ -18,9 +18,8 @@ from typing import Any
 from torchmagic.core.tracing import format_shapes
 from torchmagic.display import tree as T
 from torchmagic.display.format import esc, exact, human_count, text_width, wrap_text
-from torchmagic.display.table import CSS, Cell, Table
+from torchmagic.display.table import Cell, Table, page
 
-_TREE_CSS = T.TREE_CSS
 HEADERS = ["module", "class", "input", "output", "line"]
 ALIGN = ["l", "l", "l", "l", "r"]
 
@@ -184,11 +183,10 @@ def _values_html(r: Any) -> str:
 
 
 def html(r: Any) -> str:
-    return (f'<div class="tm-result">{CSS}{_TREE_CSS}'
-            f'<div class="tm-title">{esc(_header(r))}</div>'
-            f"{_values_html(r)}"
-            f'<div class="tm-title" style="margin-top:8px">{esc(_calls_title(r))}</div>'
-            f"{tree_html(r, r.depth)}{_notes_html(r)}</div>")
+    return page(f'<div class="tm-title">{esc(_header(r))}</div>'
+                f"{_values_html(r)}"
+                f'<div class="tm-title" style="margin-top:8px">{esc(_calls_title(r))}</div>'
+                f"{tree_html(r, r.depth)}{_notes_html(r)}")
 
 
 # -- widget -------------------------------------------------------------------------------------
@@ -196,8 +194,7 @@ def widget(r: Any) -> Any:
     import ipywidgets as w
 
     max_depth = max((row.depth for row in r.calls), default=0)
-    head = w.HTML(f'<div class="tm-result">{CSS}{_TREE_CSS}'
-                  f'<div class="tm-title">{esc(_header(r))}</div>{_values_html(r)}</div>')
+    head = w.HTML(page(f'<div class="tm-title">{esc(_header(r))}</div>{_values_html(r)}'))
     tree = w.HTML()
     depth = w.IntSlider(value=min(r.depth, max_depth), min=0, max=max_depth, step=1,
                         description="depth", continuous_update=False,
@@ -208,7 +205,7 @@ def widget(r: Any) -> Any:
 
     def render(*_: Any) -> None:
         body = tree_html(r, depth.value, state["open"])
-        tree.value = f'<div class="tm-result">{CSS}{_TREE_CSS}{body}</div>'
+        tree.value = page(body)
 
     def on_expand(_: Any) -> None:
         state["open"] = max_depth + 1
@@ -224,11 +221,11 @@ def widget(r: Any) -> Any:
     render()
     children = [head]
     if r.calls:
-        children.append(w.HTML(f'<div class="tm-result">{CSS}<div class="tm-title">module calls '
-                               f'({r.total_calls:,})</div></div>'))
+        children.append(w.HTML(page(f'<div class="tm-title">module calls '
+                                    f'({r.total_calls:,})</div>')))
         children.append(w.HBox([depth, expand, collapse]))
         children.append(tree)
-    children.append(w.HTML(f'<div class="tm-result">{CSS}{_TREE_CSS}{_notes_html(r)}</div>'))
+    children.append(w.HTML(page(_notes_html(r))))
     box = w.VBox(children)
     box.add_class("tm-meta-shape")
     return box

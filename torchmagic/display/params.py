@@ -22,8 +22,8 @@ from torchmagic.display.format import (
     text_width,
     wrap_text,
 )
-from torchmagic.display.table import CSS, Cell, Table, bars_html, cards_html
-from torchmagic.display.tree import TREE_CSS, Node, TreeRow, fold, link, text_rows, tree_html
+from torchmagic.display.table import Cell, Table, bars_html, cards_html, page
+from torchmagic.display.tree import Node, TreeRow, fold, link, text_rows, tree_html
 
 
 def _count(n: int, what: str = "parameters") -> Cell:
@@ -213,7 +213,7 @@ def _body_html(r: Any) -> str:
 
 
 def html(r: Any) -> str:
-    return f'<div class="tm-result">{CSS}{TREE_CSS}{_head_html(r)}{_body_html(r)}</div>'
+    return page(_head_html(r) + _body_html(r))
 
 
 def widget(r: Any) -> Any:
@@ -221,7 +221,7 @@ def widget(r: Any) -> Any:
     import ipywidgets as w
 
     def box(inner: str) -> Any:
-        return w.HTML(f'<div class="tm-result">{CSS}{TREE_CSS}{inner}</div>')
+        return w.HTML(page(inner))
 
     headers, align, roots = tree(r)
     bars = _bars(r)

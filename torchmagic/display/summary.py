@@ -24,8 +24,8 @@ from torchmagic.display.format import (
     text_width,
     wrap_text,
 )
-from torchmagic.display.table import CSS, Cell, Table, bars_html, cards_html
-from torchmagic.display.tree import TREE_CSS, Node, TreeRow, fold, link, text_rows, tree_html
+from torchmagic.display.table import Cell, Table, bars_html, cards_html, page
+from torchmagic.display.tree import Node, TreeRow, fold, link, text_rows, tree_html
 
 HEADERS = {"input": "input", "output": "output", "params": "params", "trainable": "train",
            "percent": "%", "flops": "FLOPs", "macs": "MACs", "bytes": "bytes",
@@ -161,7 +161,8 @@ def title(s: Any, width: int | None = None) -> str:
 
 
 def _row_css(r: Any) -> str | None:
-    return ("tm-bad" if r.status == "failed" else
+    """Failed rows and the rows around the failing call are marked (a red edge)."""
+    return ("tm-bad" if r.status in ("failed", "running") else
             "tm-muted" if r.status in ("not called", "in parent") else None)
 
 
@@ -325,12 +326,23 @@ def _top_level(s: Any, attr: str) -> list[tuple[str, float, int]]:
     if root is not None:
         rest = int(getattr(root, attr) or 0) - sum(v for _, _, v in items)
         if rest > 0:
-            items.append(("(root, outside submodules)", float(rest), rest))
+            # after a failure the modules the forward never reached have no row: their
+            # parameters are in the root's count, not "outside submodules"
+            label = ("(root's own ops, before the failure)" if attr == "flops" else
+                     "(modules after the failure, and the root's own)") if s.error else \
+                "(root, outside submodules)"
+            items.append((label, float(rest), rest))
     return [i for i in items if i[2] > 0]
 
 
+def _failed_at(s: Any) -> str | None:
+    """The deepest row on the failing call's path (the failure may lie deeper than shown)."""
+    hits = [r for r in s.rows if r.status in ("failed", "running") and r.path]
+    return max(hits, key=lambda r: r.depth).path if hits else None
+
+
 def _bars(s: Any) -> str:
-    failed_at = next((r.path for r in s.rows if r.status == "failed"), None)
+    failed_at = _failed_at(s)
     out = [bars_html("parameters by top-level module",
                      [(n, v, human_count(e), f"{exact(e)} parameters")
                       for n, v, e in _top_level(s, "params")])]
@@ -339,8 +351,8 @@ def _bars(s: Any) -> str:
         note = None
         if s.error:
             head += " (up to the failure)"
-            note = (f"the forward stopped in {failed_at or 'the model'}: modules after it did "
-                    "not run")
+            note = (f"the forward stopped inside {failed_at or 'the model'}: modules after it "
+                    "did not run")
         out.append(bars_html(head, [(n, v, human_flops(e), f"{exact(e)} FLOPs")
                                     for n, v, e in _top_level(s, "flops")], note))
     return f'<div class="tm-bars">{"".join(out)}</div>'
@@ -349,7 +361,7 @@ def _bars(s: Any) -> str:
 def html(s: Any) -> str:
     notes_col = any(_note(r) for r in s.rows)
     headers, align, roots = tree(s, compact=True, notes_col=notes_col)
-    body = [f'<div class="tm-result">{CSS}{TREE_CSS}', f'<div class="tm-title">{esc(title(s))}</div>',
+    body = [f'<div class="tm-title">{esc(title(s))}</div>',
             _cards(s), tree_html(roots, headers, align,
                                  label=lambda n: n.label if n.row.path else s.model_class)]
     if any(r.depth == 1 for r in s.rows):
@@ -373,5 +385,4 @@ def html(s: Any) -> str:
         body.append(f'<details style="margin-top:6px"><summary>torchinfo\'s own table (same '
                     f'inputs and depth, run on a twin)</summary><pre class="tm-mono">'
                     f"{esc(s.torchinfo)}</pre></details>")
-    body.append("</div>")
-    return "".join(body)
+    return page("".join(body))

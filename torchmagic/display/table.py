@@ -1,83 +1,140 @@
-"""Generic tables rendered as plain text (fits a width, no ANSI colour) or self-contained HTML.
-
-Every renderer builds a :class:`Table` and calls ``.text()`` / ``.html()``, so all results share one
-look. HTML uses no JavaScript and no external assets, takes its colours from JupyterLab's CSS
-variables (with fallbacks elsewhere), so it reads in light and dark themes, and scrolls sideways
-instead of cutting columns.
+"""Generic tables rendered as plain text (fits a width, no ANSI colour) or self-contained HTML,
+and the HTML pieces every renderer shares (:func:`page`, cards, bars, note boxes).
 
 Plain text fits :func:`~torchmagic.display.format.text_width` columns: when the table is too wide,
 text columns are narrowed first (module paths keep their layer numbers, see
 :func:`~torchmagic.display.format.shorten_path`), then the columns named in ``drop`` are left out
 one by one (a note names them), then text columns are narrowed further. Numbers and columns listed
 in ``fixed`` (shapes) are never cut. Titles, footers and notes wrap at spaces.
+
+HTML uses no JavaScript and no external assets. It is written for two kinds of viewer:
+
+- JupyterLab on a notebook that is *not trusted* (one someone else saved, a cloned repository)
+  sanitizes HTML outputs: ``<style>`` elements are removed, and so is any inline declaration whose
+  value it does not accept (``var()``, ``ch`` in paddings, custom properties). GitHub does the
+  same. So everything needed to read a result is in inline styles with plain values
+  (:func:`inline_styles` turns the ``tm-*`` classes into them): layout, alignment, boxes, bars,
+  indentation. Text keeps the theme's own colour (readable in light and dark); warnings and
+  failures are marked by a coloured border and bold type, never by coloured text alone.
+- Everywhere the ``<style>`` block survives (the notebook you ran, a trusted one, nbconvert, VS
+  Code), it adds theme colours from JupyterLab's variables: failure text in ``--jp-error-color1``
+  (5.0:1 on the light theme's white, 5.1:1 on the dark theme's #111), success in
+  ``--jp-success-color0``, muted text in ``--jp-content-font-color2``, hover rows, and the ▸/▾ of
+  open and closed tree rows.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from torchmagic.display.format import clip_end, esc, shorten_path, text_width, wrap_text
 
-# Colours: JupyterLab's variables (light and dark themes define them; VS Code and nbconvert
-# exports too), with fallbacks. Text colours are chosen for >= 4.5:1 contrast on the theme's
-# background: error-color1 (light #d32f2f 5.0:1, dark #f44336 5.1:1), success-color0; warnings
-# keep the normal text colour inside a box marked with the warning colour.
+MONO = "ui-monospace,SFMono-Regular,Menlo,Consolas,'Liberation Mono',monospace"
+
+# class -> inline style (plain values JupyterLab's sanitizer keeps; checked in the browser test)
+INLINE: dict[str, str] = {
+    "tm-result": "font-size:13px;line-height:19px;max-width:100%;overflow-x:auto;margin:2px 0",
+    "tm-title": "font-weight:600;margin:2px 0 6px 0",
+    "tm-muted": "opacity:.75",
+    "tm-bad": "font-weight:600",
+    "tm-good": "font-weight:600",
+    "tm-mono": f"font-family:{MONO}",
+    "tm-note": "margin-top:4px",
+    "tm-kv": "margin-top:2px",
+    "tm-warn": "border-left:3px solid #f57c00;background-color:rgba(245,124,0,.1);"
+               "padding:3px 8px;margin:4px 0;border-radius:2px;white-space:pre-wrap",
+    "tm-error": "border-left:3px solid #d32f2f;background-color:rgba(211,47,47,.08);"
+                "padding:3px 8px;margin:4px 0;border-radius:2px;white-space:pre-wrap",
+    "tr": "text-align:right",
+    "tm-plain": "border-left-color:rgba(127,127,127,.6);background-color:transparent",
+    "tm-table": "border-collapse:collapse;margin:0;table-layout:auto;width:auto",
+    "l": "text-align:left;white-space:nowrap;vertical-align:top",
+    "r": "text-align:right;white-space:nowrap;vertical-align:top",
+    "tm-row-bad": "box-shadow:inset 3px 0 0 #d32f2f",
+    "tm-row-muted": "opacity:.75",
+    "tm-row-good": "font-weight:600",
+    "tm-cards": "margin:2px 0 8px 0",
+    "tm-card": "display:inline-block;vertical-align:top;margin:0 8px 6px 0;padding:3px 10px;"
+               "border:1px solid rgba(127,127,127,.35);border-radius:4px;min-width:80px",
+    "tm-label": "font-size:11px;line-height:15px;opacity:.75",
+    "tm-value": "font-size:15px;line-height:20px;font-weight:600;white-space:nowrap",
+    "tm-exact": "font-size:11px;line-height:15px;opacity:.75;white-space:nowrap",
+    "tm-bars": "display:flex;flex-wrap:wrap;gap:4px 32px;margin-top:8px",
+    "tm-bargrid": "display:grid;grid-template-columns:max-content 200px max-content max-content;"
+                  "gap:2px 8px;align-items:center;white-space:nowrap",
+    "tm-bar": "display:inline-block;height:8px;border-radius:2px;background:#1976d2;"
+              "vertical-align:middle",
+    "tm-footer": "margin-top:6px;display:flex;flex-wrap:wrap;gap:4px 18px",
+    "tm-pre": f"font-family:{MONO};font-size:12px;line-height:17px;white-space:pre-wrap;"
+              "margin:4px 0;padding:0;background-color:transparent;border:none",
+    # module trees (display/tree.py)
+    "tm-scroll": "overflow-x:auto;max-width:100%;margin:2px 0 4px 0",
+    "tm-tree": f"font-family:{MONO};font-size:12px;line-height:19px;white-space:nowrap;"
+               "display:inline-block;min-width:100%",
+    "tm-head": "font-weight:700",
+    "tm-tog": "display:inline-block;width:14px;height:19px;vertical-align:top",
+    "tm-fold": "font-weight:600",
+    "tm-more": "opacity:.75;font-style:italic",
+}
+
+_OPEN_TAG = re.compile(r'<([a-zA-Z][\w-]*)([^<>]*?)\sclass="([^"]*)"([^<>]*)>')
+_STYLE_ATTR = re.compile(r'\sstyle="([^"]*)"')
+
+
+def inline_styles(html: str) -> str:
+    """Add the inline style of each known ``tm-*`` class to the tags that carry it (an element's
+    own ``style`` comes last, so it wins). Tags without a known class are left as they are."""
+    def one(m: re.Match[str]) -> str:
+        tag, before, classes, after = m.groups()
+        styles = list(dict.fromkeys(INLINE[c] for c in classes.split() if c in INLINE))
+        if not styles:
+            return m.group(0)
+        attrs = before + after
+        own = _STYLE_ATTR.search(attrs)
+        if own:
+            styles.append(own.group(1))
+            attrs = attrs[:own.start()] + attrs[own.end():]
+        return f'<{tag} class="{classes}" style="{";".join(styles)}"{attrs}>'
+
+    return _OPEN_TAG.sub(one, html)
+
+
+# Theme colours where <style> survives (trusted notebooks, nbconvert, VS Code): JupyterLab's
+# variables, with fallbacks; '!important' where an inline style sets the same property.
 CSS = """
 <style>
-.tm-result{--tm-fg:var(--jp-content-font-color1,inherit);
- --tm-muted:var(--jp-content-font-color2,inherit);
- --tm-line:var(--jp-border-color2,rgba(127,127,127,.3));
- --tm-line-strong:var(--jp-border-color1,rgba(127,127,127,.6));
- --tm-hover:var(--jp-rendermime-table-row-hover-background,rgba(127,127,127,.12));
- --tm-warn:var(--jp-warn-color1,#f57c00);--tm-err:var(--jp-error-color1,#d32f2f);
+.tm-result{--tm-err:var(--jp-error-color1,#d32f2f);--tm-warn:var(--jp-warn-color1,#f57c00);
  --tm-ok:var(--jp-success-color0,#2e7d32);--tm-accent:var(--jp-brand-color1,#1976d2);
+ --tm-line:var(--jp-border-color2,rgba(127,127,127,.3));
+ --tm-hover:var(--jp-rendermime-table-row-hover-background,rgba(127,127,127,.12));
  font-family:var(--jp-content-font-family,system-ui,-apple-system,'Segoe UI',sans-serif);
- font-size:13px;line-height:19px;color:var(--tm-fg);max-width:100%;overflow-x:auto;margin:2px 0}
-.tm-result .tm-title{font-weight:600;margin:2px 0 6px 0;white-space:normal}
-.tm-result table.tm-table{border-collapse:collapse;margin:0;font-variant-numeric:tabular-nums;
- table-layout:auto;width:auto;font-size:13px;border:none}
+ color:var(--jp-content-font-color1,inherit);font-variant-numeric:tabular-nums}
+.tm-result .tm-muted,.tm-result .tm-label,.tm-result .tm-exact,.tm-result .tm-more,
+.tm-result .tm-row-muted{opacity:1!important;color:var(--jp-content-font-color2,inherit)}
+.tm-result .tm-bad{color:var(--tm-err)}
+.tm-result .tm-good{color:var(--tm-ok)}
+.tm-result .tm-warn{border-left-color:var(--tm-warn)!important;
+ background-color:color-mix(in srgb,var(--tm-warn) 12%,transparent)!important}
+.tm-result .tm-error{border-left-color:var(--tm-err)!important;
+ background-color:color-mix(in srgb,var(--tm-err) 10%,transparent)!important}
+.tm-result .tm-error.tm-plain{border-left-color:rgba(127,127,127,.6)!important;
+ background-color:transparent!important}
+.tm-result .tm-row-bad{box-shadow:inset 3px 0 0 var(--tm-err)!important}
+.tm-result .tm-bar{background:var(--tm-accent)!important}
+.tm-result .tm-mono,.tm-result .tm-tree,.tm-result .tm-pre{
+ font-family:var(--jp-code-font-family,ui-monospace,SFMono-Regular,Menlo,monospace)!important}
 .tm-result table.tm-table th,.tm-result table.tm-table td{padding:4px 10px;line-height:19px;
- border:none;border-bottom:1px solid var(--tm-line);text-align:left;white-space:nowrap;
- vertical-align:top;background:transparent;color:inherit;max-width:none}
-.tm-result table.tm-table th{font-weight:600;border-bottom:1px solid var(--tm-line-strong)}
-.tm-result table.tm-table td.r,.tm-result table.tm-table th.r{text-align:right}
+ border:none;border-bottom:1px solid var(--tm-line);background:transparent}
+.tm-result table.tm-table th{border-bottom:1px solid var(--jp-border-color1,rgba(127,127,127,.6))}
 .tm-result table.tm-table tbody tr{background:transparent}
-.tm-result table.tm-table tbody tr:hover{background:var(--tm-hover)}
-.tm-result .tm-mono{font-family:var(--jp-code-font-family,ui-monospace,SFMono-Regular,Menlo,monospace)}
-.tm-result .tm-muted{color:var(--tm-muted)}
-.tm-result .tm-bad{color:var(--tm-err);font-weight:600}
-.tm-result .tm-good{color:var(--tm-ok);font-weight:600}
-.tm-result .tm-warn,.tm-result .tm-error{border-left:3px solid var(--tm-warn);
- background:rgba(245,124,0,.1);background:color-mix(in srgb,var(--tm-warn) 12%,transparent);
- padding:3px 8px;margin:4px 0;border-radius:2px;white-space:pre-wrap}
-.tm-result .tm-error{border-left-color:var(--tm-err);background:rgba(211,47,47,.08);
- background:color-mix(in srgb,var(--tm-err) 10%,transparent)}
-.tm-result .tm-error.tm-plain{border-left-color:var(--tm-line-strong);background:transparent}
-.tm-result .tm-error table th,.tm-result .tm-error table td{background:transparent;border:none;
- color:inherit;font-size:13px}
-.tm-result tr.tm-bad td{font-weight:400;color:inherit}
-.tm-result tr.tm-bad td:first-child{box-shadow:inset 3px 0 0 var(--tm-err)}
-.tm-result tr.tm-bad td.tm-bad{font-weight:600;color:var(--tm-err)}
-.tm-result tr.tm-good td{font-weight:600;color:inherit}
-.tm-result tr.tm-muted td{color:var(--tm-muted)}
-.tm-result .tm-footer{margin-top:6px;display:flex;flex-wrap:wrap;gap:4px 18px}
-.tm-result .tm-kv b{font-weight:600}
-.tm-result .tm-note{margin-top:4px}
-.tm-result .tm-bar{display:inline-block;height:8px;border-radius:2px;background:var(--tm-accent);
- vertical-align:middle}
-.tm-result .tm-cards{display:flex;flex-wrap:wrap;gap:6px 8px;margin:2px 0 8px 0}
-.tm-result .tm-card{padding:3px 10px;border:1px solid var(--tm-line);border-radius:4px;
- min-width:80px}
-.tm-result .tm-card .tm-label{font-size:11px;line-height:15px;color:var(--tm-muted)}
-.tm-result .tm-card .tm-value{font-size:15px;line-height:20px;font-weight:600;white-space:nowrap}
-.tm-result .tm-card .tm-exact{font-size:11px;line-height:15px;color:var(--tm-muted);
- font-variant-numeric:tabular-nums;white-space:nowrap}
-.tm-result .tm-bars{display:flex;flex-wrap:wrap;gap:4px 32px;margin-top:8px}
-.tm-result .tm-bargrid{display:grid;grid-template-columns:max-content 200px max-content max-content;
- gap:2px 8px;align-items:center;white-space:nowrap}
-.tm-result pre{margin:4px 0;white-space:pre-wrap;background:transparent;color:inherit;
- font-size:12px;line-height:17px;padding:0;border:none}
-.tm-result details>summary{cursor:pointer}
+.tm-result table.tm-table tbody tr:hover,.tm-result .tm-tree .tm-row:hover{
+ background:var(--tm-hover)}
+.tm-result .tm-card{border-color:var(--tm-line)!important}
+.tm-result .tm-tree details>summary::-webkit-details-marker{display:none}
+.tm-result .tm-tree details>summary .tm-tog{font-size:0}
+.tm-result .tm-tree details>summary .tm-tog::before{content:'▸';font-size:12px}
+.tm-result .tm-tree details[open]>summary .tm-tog::before{content:'▾'}
 </style>
 """.strip()
 
@@ -229,13 +286,14 @@ class Table:
         a table inside another result's box)."""
         def td(c: object, i: int, tag: str = "td") -> str:
             cell = as_cell(c)
-            cls = " ".join(x for x in ("r" if self._align(i) == "r" else "", cell.css or "") if x)
-            attrs = f' class="{cls}"' if cls else ""
+            cls = " ".join(x for x in ("r" if self._align(i) == "r" else "l", cell.css or "")
+                           if x)
+            attrs = f' class="{cls}"'
             if cell.title:
                 attrs += f' title="{esc(cell.title)}"'
             return f"<{tag}{attrs}>{esc(cell.text)}</{tag}>"
 
-        parts = ['<div class="tm-result">', CSS] if wrap else ["<div>"]
+        parts = []
         if self.title:
             parts.append(f'<div class="tm-title">{esc(self.title)}</div>')
         parts.append('<table class="tm-table"><thead><tr>')
@@ -243,12 +301,19 @@ class Table:
         parts.append("</tr></thead><tbody>")
         for r, row in enumerate(self.rows):
             css = self.row_css[r] if self.row_css and r < len(self.row_css) else None
-            parts.append(f'<tr class="{css}">' if css else "<tr>")
+            row_cls = {"tm-bad": "tm-row-bad", "tm-muted": "tm-row-muted",
+                       "tm-good": "tm-row-good"}.get(css or "", css)
+            parts.append(f'<tr class="{row_cls}">' if row_cls and row_cls != "tm-row-bad"
+                         else "<tr>")
             for i, c in enumerate(row):
                 cell_html = td(c, i)
+                style = []
                 if i == 0 and self.indent and self.indent[r]:
-                    pad = 14 * self.indent[r]
-                    cell_html = cell_html.replace("<td", f'<td style="padding-left:{pad + 10}px"', 1)
+                    style.append(f"padding-left:{14 * self.indent[r] + 10}px")
+                if i == 0 and row_cls == "tm-row-bad":
+                    cell_html = cell_html.replace('class="', 'class="tm-row-bad ', 1)
+                if style:
+                    cell_html = cell_html.replace("<td", f'<td style="{";".join(style)}"', 1)
                 parts.append(cell_html)
             parts.append("</tr>")
         parts.append("</tbody></table>")
@@ -261,15 +326,15 @@ class Table:
             parts.append("</div>")
         parts.append(notes_html(self.notes))
         parts.append(extra_html)
-        parts.append("</div>")
-        return "".join(parts)
+        body = "".join(parts)
+        return page(body) if wrap else inline_styles(f"<div>{body}</div>")
 
 
 def note_html(note: str, css: str = "") -> str:
     """A note line as HTML: ``WARNING``/``NOTE`` lines in the warning box, code (lines indented
     by four spaces) as preformatted text, anything else as a plain line."""
     if note.startswith("    "):
-        return f'<pre class="tm-mono">{esc(note[4:])}</pre>'
+        return f'<pre class="tm-pre">{esc(note[4:])}</pre>'
     if not css and note.startswith(("WARNING", "warning", "NOTE")):
         css = "tm-warn"
     return f'<div class="tm-note{" " + css if css else ""}">{esc(note)}</div>'
@@ -284,17 +349,23 @@ def notes_html(notes: list[str]) -> str:
             code.append(n[4:])
             continue
         if code:
-            out.append(f'<pre class="tm-mono">{esc(chr(10).join(code))}</pre>')
+            out.append(f'<pre class="tm-pre">{esc(chr(10).join(code))}</pre>')
             code = []
         if n is not None:
             out.append(note_html(n))
     return "".join(out)
 
 
+def page(body_html: str, css: str = "") -> str:
+    """A result's whole HTML: the ``tm-result`` box, the theme style (plus ``css``), the body,
+    with every ``tm-*`` class also written as an inline style (see the module docstring)."""
+    return inline_styles(f'<div class="tm-result">{CSS}{css}{body_html}</div>')
+
+
 def html_block(title: str | None, body_html: str) -> str:
     """Wrap arbitrary HTML in the shared style (for results that are not a single table)."""
     head = f'<div class="tm-title">{esc(title)}</div>' if title else ""
-    return f'<div class="tm-result">{CSS}{head}{body_html}</div>'
+    return page(head + body_html)
 
 
 def cards_html(items: list[tuple[str, str, str | None]]) -> str:

@@ -189,15 +189,16 @@ def _bar(stats: Any) -> str:
     """A stacked bar: finite non-zero (blue), zeros (grey), NaN (red), Inf (orange)."""
     n = stats.numel or 1
     if stats.kind == "bool":
-        parts = [(stats.true or 0, "var(--tm-accent)", "True"), (stats.zeros, "#9e9e9e", "False")]
+        parts = [(stats.true or 0, "#1976d2", "True"), (stats.zeros, "#9e9e9e", "False")]
     else:
         finite_nz = max(stats.finite - stats.zeros, 0) if stats.kind != "int" else \
             stats.numel - stats.zeros
-        parts = [(finite_nz, "var(--tm-accent)", "finite, non-zero"), (stats.zeros, "#9e9e9e", "zero"),
-                 (stats.nan, "var(--tm-err)", "NaN"), (stats.inf, "var(--tm-warn)", "Inf")]
+        parts = [(finite_nz, "#1976d2", "finite, non-zero"), (stats.zeros, "#9e9e9e", "zero"),
+                 (stats.nan, "#d32f2f", "NaN"), (stats.inf, "#f57c00", "Inf")]
     segs = "".join(
-        f'<span class="tm-bar" title="{esc(label)}: {c:,}" style="width:{300 * c / n:.1f}px;'
-        f'background:{color};border-radius:0"></span>' for c, color, label in parts if c)
+        f'<span title="{esc(label)}: {c:,}" style="display:inline-block;height:8px;'
+        f'vertical-align:middle;width:{300 * c / n:.1f}px;background:{color}"></span>'
+        for c, color, label in parts if c)
     legend = " · ".join(f"{label} {c:,}" for c, _, label in parts if c)
     return f'{segs} <span class="tm-muted">{esc(legend)}</span>'
 

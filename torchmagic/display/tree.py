@@ -12,6 +12,8 @@ HTML (:func:`tree_html`): every row is a CSS grid with the same column widths (i
 monospace font), so columns line up across depths; indentation lives inside the first column; the
 tree scrolls sideways instead of cutting columns; rows are 28 px, like JupyterLab's own tables.
 Opening a folded group shows the representative and a "N more" row that lists the other blocks.
+The layout is all inline styles with plain values, so it survives JupyterLab's sanitizer on
+untrusted notebooks (see :mod:`torchmagic.display.table`).
 """
 
 from __future__ import annotations
@@ -27,35 +29,10 @@ from torchmagic.display.table import Cell, as_cell
 MEMBER_ROWS = 3000    # rows of folded blocks' subtrees written into the HTML, at most
 OPEN_ROWS = 40        # the HTML opens whole levels while no more than this many rows show
 
-TREE_CSS = """
-<style>
-.tm-result .tm-scroll{overflow-x:auto;max-width:100%;margin:2px 0 4px 0}
-.tm-result .tm-tree{font-family:var(--jp-code-font-family,ui-monospace,SFMono-Regular,Menlo,monospace);
- font-size:12px;width:max-content;min-width:100%;font-variant-numeric:tabular-nums}
-.tm-result .tm-tree .tm-row{display:grid;grid-template-columns:var(--tm-cols);column-gap:2ch;
- line-height:19px;padding:4px 8px;border-bottom:1px solid var(--tm-line);white-space:nowrap;
- align-items:baseline}
-.tm-result .tm-tree .tm-row>span{overflow:hidden;text-overflow:clip}
-.tm-result .tm-tree .tm-row>span.r{text-align:right}
-.tm-result .tm-tree .tm-head{font-weight:700;border-bottom:1px solid var(--tm-line-strong)}
-.tm-result .tm-tree .tm-head>span{overflow:visible}
-.tm-result .tm-tree details>summary{list-style:none;cursor:pointer}
-.tm-result .tm-tree details>summary::-webkit-details-marker{display:none}
-.tm-result .tm-tree details>summary::marker{content:''}
-.tm-result .tm-tree .tm-row:hover{background:var(--tm-hover)}
-.tm-result .tm-tree .tm-c0{padding-left:calc(var(--d,0) * 2ch)}
-.tm-result .tm-tree .tm-tog{display:inline-block;width:2ch;min-width:2ch;flex:none;
- color:var(--tm-muted)}
-.tm-result .tm-tree details>summary .tm-tog::before{content:'▸'}
-.tm-result .tm-tree details[open]>summary .tm-tog::before{content:'▾'}
-.tm-result .tm-tree .tm-fold{font-weight:600}
-.tm-result .tm-tree .tm-more{color:var(--tm-muted);font-style:italic}
-.tm-result .tm-tree .tm-row.tm-bad{box-shadow:inset 3px 0 0 var(--tm-err)}
-.tm-result .tm-tree .tm-row.tm-bad>span{font-weight:400;color:inherit}
-.tm-result .tm-tree .tm-row.tm-bad>span.tm-bad{font-weight:600;color:var(--tm-err)}
-.tm-result .tm-tree .tm-row.tm-muted>span{color:var(--tm-muted)}
-</style>
-""".strip()
+# The tree's layout is inline (see torchmagic.display.table: it must survive sanitizing).
+ROW_STYLE = ("display:grid;grid-template-columns:{cols};gap:0 14px;padding:4px 8px;"
+             "border-bottom:1px solid #7f7f7f40")
+INDENT_PX = 14   # per level (at most 2ch of the 12 px monospace font the widths are counted in)
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)(\]?)$")
 
@@ -328,65 +305,80 @@ def tree_html(roots: list[Node], headers: Sequence[str], align: Sequence[str],
                 widths[0] = max(widths[0], 2 * (level + 1) + 2 + len(_more_label(n)))
                 # other blocks differ from the first only in their numbers
                 widths[0] = max(widths[0], 2 * (level + 2) + 2 + max(
-                    len(label(m)) for m in n.members) + 2)
+                    len(label(m)) for m in n.members))
 
     measure(roots, 0)
-    cols = " ".join(f"{w}ch" for w in widths)
-    parts = [f'<div class="tm-scroll"><div class="tm-tree" style="--tm-cols:{cols}">',
-             '<div class="tm-row tm-head">']
-    for i, h in enumerate(headers):
-        r = ' class="r"' if i < len(align) and align[i] == "r" else ""
-        parts.append(f"<span{r}>{esc(h)}</span>")
+    row_style = ROW_STYLE.format(cols=" ".join(f"{w}ch" for w in widths))
+    right = [i < len(align) and align[i] == "r" for i in range(len(headers))]
+    parts = ['<div class="tm-scroll"><div class="tm-tree">',
+             f'<div class="tm-row tm-head" style="{row_style};'
+             'border-bottom:1px solid rgba(127,127,127,.6)">']
+    parts.append(" ".join(f'<span style="text-align:right">{esc(h)}</span>' if right[i] else
+                          f"<span>{esc(h)}</span>" for i, h in enumerate(headers)))
     parts.append("</div>")
 
-    def cells_html(node: Node, level: int, first: str, css: str = "") -> str:
+    def cells_html(node: Node, level: int, first: str, css: str = "",
+                   titles: bool = True, toggle: str = "▸") -> str:
+        """A row's cells; ``titles=False`` (the other blocks of a folded run, whose values are
+        the first block's) leaves out the exact values on hover, keeping only the path."""
         r = node.row
         title = r.title or r.path or first
-        out = [f'<span class="tm-c0{css}" style="--d:{level}" title="{esc(title)}">'
-               f'<i class="tm-tog"></i>{esc(first)}</span>']
+        # toggle: the state a row starts in (a <style>, where kept, follows every click);
+        # a leaf has none, its indentation makes up for it
+        indent = INDENT_PX * (level if toggle else level + 1)
+        pad = f' style="padding-left:{indent}px"' if indent else ""
+        tog = f'<span class="tm-tog">{toggle}</span>' if toggle else ""
+        out = [f'<span class="tm-c0{css}"{pad} title="{esc(title)}">{tog}{esc(first)}</span>']
         for i, c in enumerate(node.shown_cells(), start=1):
-            cls = " ".join(x for x in ("r" if i < len(align) and align[i] == "r" else "",
-                                       c.css or "") if x)
-            a = f' class="{cls}"' if cls else ""
-            t = f' title="{esc(c.title)}"' if c.title else ""
+            a = f' class="{c.css}"' if c.css else ""
+            if i < len(right) and right[i]:
+                a += ' style="text-align:right"'
+            t = f' title="{esc(c.title)}"' if c.title and titles else ""
             out.append(f"<span{a}{t}>{esc(c.text)}</span>")
-        return "".join(out)
+        return " ".join(out)  # spaces: readable even where every style is stripped
 
-    def row_cls(node: Node) -> str:
-        return f"tm-row {node.row.css}" if node.row.css else "tm-row"
+    def row_open(node: Node, tag: str = "div") -> str:
+        extra = {"tm-bad": " tm-row-bad", "tm-muted": " tm-row-muted"}.get(node.row.css or "", "")
+        style = row_style + (";cursor:pointer;list-style:none" if tag == "summary" else "")
+        return f'<{tag} class="tm-row{extra}" style="{style}">'
 
-    def emit(node: Node, level: int) -> None:
+    def emit(node: Node, level: int, titles: bool = True) -> None:
         kids = node.children
         if node.members:
             emit_group(node, level)
             return
         if not kids:
-            parts.append(f'<div class="{row_cls(node)}">{cells_html(node, level, label(node))}'
+            parts.append(f"{row_open(node)}"
+                         f"{cells_html(node, level, label(node), titles=titles, toggle='')}"
                          "</div>")
             return
         is_open = level < open_depth or node.failed
-        parts.append(f'<details{" open" if is_open else ""}><summary class="{row_cls(node)}">'
-                     f"{cells_html(node, level, label(node))}</summary>")
+        cells = cells_html(node, level, label(node), titles=titles,
+                           toggle="▾" if is_open else "▸")
+        parts.append(f'<details{" open" if is_open else ""}>{row_open(node, "summary")}'
+                     f"{cells}</summary>")
         for c in kids:
-            emit(c, level + 1)
+            emit(c, level + 1, titles)
         parts.append("</details>")
 
     def emit_group(node: Node, level: int) -> None:
         rep, rest = node.members[0], node.members[1:]
-        parts.append(f'<details><summary class="{row_cls(node)}">'
+        parts.append(f'<details>{row_open(node, "summary")}'
                      f'{cells_html(node, level, label(node), " tm-fold")}</summary>')
         emit(rep, level + 1)
         if rest:
-            parts.append(f'<details><summary class="tm-row"><span class="tm-c0 tm-more" '
-                         f'style="--d:{level + 1}"><i class="tm-tog"></i>'
+            pad = INDENT_PX * (level + 1)
+            parts.append(f'<details><summary class="tm-row" style="{row_style};cursor:pointer;'
+                         f'list-style:none"><span class="tm-c0 tm-more" '
+                         f'style="padding-left:{pad}px"><span class="tm-tog">▸</span>'
                          f"{esc(_more_label(node))}</span></summary>")
             for m in rest:
                 if budget[0] > 0:
                     budget[0] -= 1 + _count(m.children)
-                    emit(m, level + 2)
+                    emit(m, level + 2, titles=False)
                 else:  # past the budget: the block's own row only (its subtree is the first's)
-                    parts.append(f'<div class="{row_cls(m)}" title="same structure as '
-                                 f'{esc(rep.row.path)}">{cells_html(m, level + 2, label(m))}'
+                    parts.append(f"{row_open(m)}"
+                                 f"{cells_html(m, level + 2, label(m), titles=False, toggle='')}"
                                  "</div>")
             parts.append("</details>")
         parts.append("</details>")
@@ -407,5 +399,5 @@ def _more_label(node: Node) -> str:
     return f"{len(rest)} more: {span}"
 
 
-__all__ = ["MEMBER_ROWS", "Node", "TREE_CSS", "TreeRow", "default_label", "fold", "link",
+__all__ = ["MEMBER_ROWS", "Node", "TreeRow", "default_label", "fold", "link",
            "run_label", "text_rows", "tree_html"]

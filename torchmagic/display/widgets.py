@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from torchmagic.display.format import esc
-from torchmagic.display.table import CSS, Cell
+from torchmagic.display.table import Cell, page
 
 _CARD = ("display:inline-block;margin:0 8px 6px 0;padding:4px 10px;border-radius:6px;"
          "border:1px solid rgba(127,127,127,.35);min-width:90px")
@@ -44,7 +44,7 @@ def totals_header(items: Sequence[tuple[str, str, str | None]], title: str | Non
                      f'{esc(value)}</div></div>')
     head = f'<div class="tm-title">{esc(title)}</div>' if title else ""
     cls = f" {css}" if css else ""
-    w_ = w.HTML(f'<div class="tm-result{cls}">{CSS}{head}<div>{"".join(cards)}</div></div>')
+    w_ = w.HTML(page(f'<div class="{cls.strip()}">{head}<div>{"".join(cards)}</div></div>'))
     w_.add_class("tm-totals")
     return w_
 
@@ -70,8 +70,7 @@ def bars_html(title: str, items: Sequence[tuple[str, float, str, str | None]],
             f'</span></div>')
     if not lines:
         lines.append('<div class="tm-muted">nothing to show</div>')
-    return (f'<div class="tm-result">{CSS}<div class="tm-title">{esc(title)}</div>'
-            f'{"".join(lines)}</div>')
+    return page(f'<div class="tm-title">{esc(title)}</div>{"".join(lines)}')
 
 
 def bars(title: str, items: Sequence[tuple[str, float, str, str | None]], width: int = 240,
