@@ -53,7 +53,7 @@ def test_batchnorm_advice_fixes_exactly_the_frozen_layers(ip: Any, line: str,
     _, shown = run(ip, line)
     code = _code(shown, "eval mode after every model.train()")
     assert "modules()" not in code
-    ip.run_cell("cnn.train()")
+    ip.run_cell("cnn.train()\npass")  # no value shown: nothing kept in Out or _
     before = {k: v.clone() for k, v in m.state_dict().items()}
     result = ip.run_cell(code)
     assert result.success, code
