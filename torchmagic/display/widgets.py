@@ -63,8 +63,9 @@ def bars_html(title: str, items: Sequence[tuple[str, float, str, str | None]],
             f'<div style="display:flex;align-items:center;gap:8px;margin:2px 0" title="{tip}">'
             f'<span class="tm-mono" style="width:{label_width}px;overflow:hidden;'
             f'text-overflow:ellipsis;white-space:nowrap">{esc(label)}</span>'
-            f'<span style="width:{width}px"><span class="tm-bar" style="width:{px:.1f}px;'
-            f'background:{color}"></span></span>'
+            f'<span style="width:{width}px"><span style="display:inline-block;height:8px;'
+            f'border-radius:2px;vertical-align:middle;width:{px:.1f}px;background:{color}">'
+            '</span></span>'
             f'<span style="white-space:nowrap">{esc(shown)}</span>'
             f'<span class="tm-muted" style="white-space:nowrap">{100.0 * value / whole:.1f}%'
             f'</span></div>')
