@@ -1,5 +1,8 @@
 """Build the example notebooks from the cell lists below and execute them (outputs saved).
 
+Every torchmagic output is saved as self-contained HTML plus plain text (no widget views, no widget
+state), so the notebooks read the same in JupyterLab after reopening, on GitHub and in nbconvert.
+
     .venv/bin/python examples/build.py            # all notebooks
     .venv/bin/python examples/build.py quickstart # one
 
@@ -79,9 +82,11 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("code", SETUP),
         ("code", "with torch.device('meta'):\n    llama70b = Llama(Llama.config_70b())\n"
                  "sum(p.numel() for p in llama70b.parameters()) / 1e9"),
-        ("code", "%params llama70b --depth 1"),
-        ("code", "%summary llama70b (1,2048) --dtypes long --meta --depth 1"),
-        ("code", "%%meta_shape --depth 2\nids = torch.zeros(1, 4096, dtype=torch.long)\n"
+        ("md", "The 80 identical decoder layers fold into one row (`layers.0-79 ×80`, with their "
+               "totals); open it for the first layer, and any other layer from the list under it."),
+        ("code", "%params llama70b"),
+        ("code", "%summary llama70b (1,2048) --dtypes long --meta"),
+        ("code", "%%meta_shape --depth 1\nids = torch.zeros(1, 4096, dtype=torch.long)\n"
                  "logits = llama70b(ids)"),
         ("md", "A 7B decoder built inside the cell costs no memory either:"),
         ("code", "%%meta_shape --depth 1\nm = Llama(Llama.config_7b())\n"
@@ -116,9 +121,8 @@ def build(name: str, execute: bool = True) -> Path:
                         else nbformat.v4.new_code_cell(src))
     path = HERE / f"{name}.ipynb"
     if execute:
-        # No saved widget state: static viewers (nbconvert, nbviewer, GitHub) then show the
-        # self-contained HTML that every output carries beside the widget view, instead of a
-        # widget that needs JavaScript from a CDN. (JupyterLab 4 saves no widget state by default.)
+        # No saved widget state: outputs are HTML + text; a live panel (a long benchmark) has
+        # already been replaced by its result through its display id.
         NotebookClient(nb, timeout=600, kernel_name="python3", store_widget_state=False,
                        resources={"metadata": {"path": str(HERE)}}).execute()
         for cell in nb.cells:  # checkpoint files written by the quickstart stay out of the repo

@@ -81,6 +81,10 @@ def jupyterlab(root_dir: Path, tmp: Path) -> Iterator[str]:
     settings.mkdir(parents=True, exist_ok=True)
     (settings / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    # every cell in the DOM (the default windowing attaches off-screen cells later, or never)
+    nb_settings = tmp / "config/lab/user-settings/@jupyterlab/notebook-extension"
+    nb_settings.mkdir(parents=True, exist_ok=True)
+    (nb_settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
     # The kernel must be this interpreter (the one with torchmagic installed).
     kdir = tmp / "data/kernels/python3"
     kdir.mkdir(parents=True, exist_ok=True)

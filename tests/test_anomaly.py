@@ -331,7 +331,7 @@ def test_clean_report_and_widget():
     mlp, x = overflow_mlp()
     bad = find_anomaly(lambda: mlp(x), namespace={"mlp": mlp})
     w = bad._renderer().widget(bad)
-    assert "border-left:4px solid #dc2626" in w.children[1].value  # the origin, highlighted
+    assert '<div class="tm-error" ' in w.children[1].value  # the origin, in the error box
 
 
 @requires_cuda

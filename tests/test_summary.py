@@ -503,37 +503,31 @@ def test_magic_depth_default_from_config(ip) -> None:
 
 
 # -- widget --------------------------------------------------------------------------------------
-def test_widget_tree_expands_and_bars() -> None:
-    from torchmagic.display import summary as display
+def test_widget_view_is_one_html_widget_with_the_tree() -> None:
+    """Widget mode shows the summary as one HTML widget (never a widget per row); the tree
+    inside is the same native <details> HTML as the HTML rendering."""
+    import ipywidgets
+
+    from torchmagic.display import mimebundle
 
     s = summary(GPT(), input_size=(1, 8), dtypes="long")
-    w = display.widget(s)
-    header, body = w.children[0], w.children[1]
-    assert f"{s.total_params:,}" in header.value and "forward FLOPs" in header.value
-    tree, side = body.children
-    assert "tm-tree" in tree._dom_classes
-    root = tree._tm_roots[0]
-    assert [c.key for c in root.children] == ["wte", "wpe", "blocks", "ln_f", "lm_head"]
-    blocks = root.children[2]
+    from ipywidgets.widgets.widget import _instances
 
-    def rendered(widget) -> str:
-        out = []
-        stack = [widget]
-        while stack:
-            x = stack.pop()
-            if hasattr(x, "value") and isinstance(x.value, str):
-                out.append(x.value)
-            stack.extend(getattr(x, "children", ()))
-        return "".join(out)
+    def views() -> list:
+        return [w for w in _instances.values() if isinstance(w, ipywidgets.DOMWidget)]
 
-    assert "blocks.0" not in rendered(tree)  # collapsed: children not built yet
-    tree._tm_set_open(blocks, True)
-    assert 'title="blocks.0"' in rendered(tree)
-    tree._tm_expand_to(0)
-    tree._tm_expand_to(3)
-    assert 'title="blocks.1.mlp"' in rendered(tree)
-    bars = rendered(side)
-    assert "blocks" in bars and "lm_head" in bars and "FLOPs" in bars
+    before = len(views())
+    widget_frontend = torchmagic.display.widget_frontend
+    torchmagic.display.widget_frontend = lambda: True
+    try:
+        bundle = mimebundle(s, "widget")
+    finally:
+        torchmagic.display.widget_frontend = widget_frontend
+    assert len(views()) - before == 1
+    view = _instances[bundle["application/vnd.jupyter.widget-view+json"]["model_id"]]
+    assert view.value == bundle["text/html"] == s._repr_html_()
+    assert "<details" in view.value and 'title="blocks.1.mlp"' in view.value
+    view.close()
 
 
 def test_device_cpu_and_meta_strings() -> None:

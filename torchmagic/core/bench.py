@@ -250,6 +250,23 @@ def changes(before: list[tuple[str, str, str, Any, Any]]) -> list[str]:
 
 
 # -- benchmark -----------------------------------------------------------------------------------
+def _autorange_progress(progress: Callable[[float, str], None] | None,
+                        min_time: float) -> Callable[[int, float], None] | None:
+    """``blocked_autorange``'s per-block callback -> ``progress(fraction, message)``."""
+    if progress is None:
+        return None
+    done = {"blocks": 0, "runs": 0, "seconds": 0.0}
+
+    def callback(number: int, seconds: float) -> None:
+        done["blocks"] += 1
+        done["runs"] += number
+        done["seconds"] += seconds
+        progress(min(done["seconds"] / min_time, 0.99),
+                 f"{done['runs']:,} runs in {done['blocks']} blocks")
+
+    return callback
+
+
 def _sync_note() -> str:
     if torch.cuda.is_available():
         return ("CUDA: Timer synchronises the device before every clock reading, so queued "
@@ -259,12 +276,15 @@ def _sync_note() -> str:
 
 def benchmark(code: str | Callable[[], Any], namespace: Mapping[str, Any] | None = None, *,
               number: int | None = None, min_time: float = 0.2, num_threads: int | None = None,
-              label: str | None = None) -> BenchResult:
+              label: str | None = None,
+              progress: Callable[[float, str], None] | None = None) -> BenchResult:
     """Time ``code`` (cell source, IPython syntax already transformed, or a callable).
 
     ``namespace`` is copied (the code's assignments stay in the copy). ``number=None`` uses
     ``blocked_autorange(min_run_time=min_time)``; ``number=N`` times N single runs after a warm-up.
     ``num_threads`` defaults to ``torch.get_num_threads()``. Global torch state is restored.
+    ``progress(fraction, message)``, if given, is called after the warm-up and after every timed
+    block or run (fraction of ``min_time`` elapsed, or of the N runs done), outside the timing.
     """
     __tracebackhide__ = True  # IPython shows the user's frames, not ours
     from torch.utils.benchmark import Timer
@@ -304,12 +324,19 @@ def benchmark(code: str | Callable[[], Any], namespace: Mapping[str, Any] | None
                 body()  # warm-up; errors surface with the user's own traceback
                 if last is not None:
                     last()
+                if progress is not None:
+                    progress(0.0, "warm-up done")
                 if number is not None:
-                    raw = [timer._timeit(1) for _ in range(number)]
+                    raw = []
+                    for i in range(number):
+                        raw.append(timer._timeit(1))
+                        if progress is not None:
+                            progress((i + 1) / number, f"run {i + 1} of {number}")
                     m = Measurement(number_per_run=1, raw_times=raw, task_spec=timer._task_spec)
                     method = f"-n {number}: {number} single runs timed one by one, after 1 warm-up"
             if number is None:
-                m = timer.blocked_autorange(min_run_time=min_time)
+                m = timer.blocked_autorange(callback=_autorange_progress(progress, min_time),
+                                            min_run_time=min_time)
                 method = (f"blocked_autorange(min_run_time={min_time:g} s): blocks of "
                           f"{m.number_per_run} run{'s' if m.number_per_run > 1 else ''}")
         except Exception as exc:  # noqa: BLE001 - the user's code failed; KeyboardInterrupt passes

@@ -1,10 +1,19 @@
-"""Rendering of result objects: plain text, self-contained HTML, and ipywidgets.
+"""Rendering of result objects: plain text, self-contained HTML, and (on request) ipywidgets.
 
-``show(result)`` picks one of them. The choice follows ``settings.mode``
-(``%config TorchMagic.display``): ``"auto"`` builds a widget only in a kernel whose front end can show
-widgets (a ZMQ kernel with ipywidgets importable), and always publishes ``text/html`` and
-``text/plain`` in the same bundle so static viewers (nbviewer, GitHub, an exported notebook) show the
-HTML; terminal IPython gets plain text and no widget is ever created there.
+``show(result)`` publishes one output bundle. What goes in it follows ``settings.mode``
+(``%config TorchMagic.display``):
+
+- ``"auto"`` (default): in a Jupyter kernel (JupyterLab, Notebook, VS Code, Colab) ``text/html`` and
+  ``text/plain`` only. The HTML is self-contained (native ``<details>`` trees, CSS bars, JupyterLab
+  colour variables, no JavaScript), so the output survives saving, reopening with a new kernel, a
+  page reload, nbconvert, nbviewer and GitHub. Terminal IPython and scripts get plain text.
+- ``"widget"``: a widget view where ipywidgets can show one (never a widget per row: one HTML
+  widget or a small fixed set), always with the same ``text/html`` and ``text/plain`` beside it.
+  Elsewhere it falls back like ``auto``.
+- ``"html"`` / ``"text"``: that rendering (text is always included).
+
+Live work (progress, the ``%gpumem --watch`` panel) goes through :mod:`torchmagic.display.live`,
+which replaces its panel by the final HTML when the work ends.
 """
 
 from __future__ import annotations
@@ -51,36 +60,38 @@ def widget_frontend() -> bool:
     return True
 
 
+def _in_kernel() -> bool:
+    shell = _shell()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
 def choose_mode(mode: str | None = None) -> str:
     """The rendering ``show`` will use: ``widget``, ``html`` or ``text``."""
     mode = mode or settings.mode
     if mode == "auto":
-        shell = _shell()
-        if widget_frontend():
-            return "widget"
-        if shell is not None and getattr(shell, "kernel", None):
-            return "html"
-        return "text"
+        return "html" if _in_kernel() else "text"
     if mode == "widget" and not widget_frontend():
-        return "html" if (_shell() is not None and getattr(_shell(), "kernel", None)) else "text"
+        return "html" if _in_kernel() else "text"
     return mode
 
 
 def mimebundle(result: Any, mode: str | None = None) -> dict[str, Any]:
-    """The output bundle ``show`` publishes: text always; HTML and a widget view as the mode allows."""
+    """The output bundle ``show`` publishes: text always; HTML unless the mode is text; a widget
+    view (the renderer's ``widget(result)``, else one HTML widget) in widget mode."""
     chosen = choose_mode(mode)
     bundle: dict[str, Any] = {"text/plain": str(result)}
     if chosen == "text":
         return bundle
     bundle["text/html"] = result._repr_html_()
     if chosen == "widget":
-        renderer = result._renderer()
-        build = getattr(renderer, "widget", None)
-        if build is not None:
-            w = build(result)
-            if w is not None:
-                view = w._repr_mimebundle_()
-                bundle.update({k: v for k, v in view.items() if k != "text/plain"})
+        build = getattr(result._renderer(), "widget", None)
+        w = build(result) if build is not None else None
+        if w is None:
+            import ipywidgets
+
+            w = ipywidgets.HTML(bundle["text/html"])
+        view = w._repr_mimebundle_()
+        bundle.update({k: v for k, v in view.items() if k != "text/plain"})
     return bundle
 
 

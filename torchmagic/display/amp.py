@@ -1,13 +1,22 @@
-"""Rendering of :class:`torchmagic.core.amp.AmpReport`: the dtype table as text, HTML and a widget."""
+"""Rendering of :class:`torchmagic.core.amp.AmpReport`: the dtype table as text (fits
+:func:`~torchmagic.display.format.text_width`), HTML and a widget.
+
+The table lists the floating-point forward ops (what the headline's share counts); integer and
+bool ops (``arange`` positions, index arithmetic) are named on their own line, never counted as
+floating-point ops."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from torchmagic.display.format import esc, percent
-from torchmagic.display.table import CSS, Table, html_block
+from torchmagic.display.format import esc, percent, text_width, wrap_text
+from torchmagic.display.table import Table, html_block, page
 
-WIDTH = 100
+_FLOAT_KINDS = ("float", "bfloat", "complex")
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith(_FLOAT_KINDS)
 
 
 def headline(rep: Any) -> str:
@@ -30,13 +39,22 @@ def headline(rep: Any) -> str:
 
 
 def _table(rep: Any, dtype: str | None = None) -> Table:
-    rows = [[r.op, r.dtype, str(r.count)] for r in rep.ops if dtype in (None, r.dtype)]
-    css = [("tm-bad" if r.op in rep.unexpected and r.dtype == "float32" else None)
-           for r in rep.ops if dtype in (None, r.dtype)]
-    by = ", ".join(f"{k} {v}" for k, v in rep.by_dtype.items())
-    return Table(["op (forward)", "output dtype", "calls"], rows, align=["l", "l", "r"],
-                 footer=[("by dtype", by or "-"), ("casts inserted", str(rep.casts))],
-                 row_css=css)
+    ops = [r for r in rep.ops if _is_float(r.dtype) and dtype in (None, r.dtype)]
+    rows = [[r.op, r.dtype, str(r.count)] for r in ops]
+    css = [("tm-bad" if r.op in rep.unexpected and r.dtype == "float32" else None) for r in ops]
+    by = ", ".join(f"{k} {v}" for k, v in rep.by_dtype.items() if _is_float(k))
+    footer: list[tuple[str, object]] = [("by dtype", by or "-"),
+                                        ("casts inserted", str(rep.casts))]
+    other = _non_float(rep)
+    if other:
+        footer.append(("not floating point (not counted)", other))
+    return Table(["floating-point op (forward)", "output dtype", "calls"], rows,
+                 align=["l", "l", "r"], footer=footer, row_css=css)
+
+
+def _non_float(rep: Any) -> str:
+    """``"arange (1, int64)"``: forward ops whose output is not floating point."""
+    return ", ".join(f"{r.op} ({r.count}, {r.dtype})" for r in rep.ops if not _is_float(r.dtype))
 
 
 def _float32_groups(rep: Any) -> list[tuple[str, list[str]]]:
@@ -53,7 +71,7 @@ def _backward_line(rep: Any) -> str | None:
     return f"backward: {rep.backward_ops} ops ({by})"
 
 
-def _wrap(prefix: str, items: list[str], width: int = WIDTH) -> list[str]:
+def _wrap(prefix: str, items: list[str], width: int) -> list[str]:
     lines, cur = [], prefix
     for it in items:
         piece = it if cur == prefix else ", " + it
@@ -67,24 +85,22 @@ def _wrap(prefix: str, items: list[str], width: int = WIDTH) -> list[str]:
 
 
 def text(rep: Any) -> str:
-    """Plain text, at most 100 columns."""
-    import textwrap
-
-    out = [*textwrap.wrap(headline(rep), WIDTH, subsequent_indent="  ", break_on_hyphens=False),
-           _table(rep).text(WIDTH)]
+    """Plain text within :func:`~torchmagic.display.format.text_width` columns."""
+    width = text_width()
+    out = [*wrap_text(headline(rep), width, "  "), _table(rep).text(width)]
     bl = _backward_line(rep)
     if bl:
-        out.append(bl)
+        out.extend(wrap_text(bl, width))
     groups = _float32_groups(rep)
     if groups:
         out.append("Stayed in float32:")
         for reason, ops in groups:
-            out.append(f"  - {reason}"[:WIDTH])
-            out.extend(_wrap("      ", ops))
+            out.extend(wrap_text(f"  - {reason}", width, "  "))
+            out.extend(_wrap("      ", ops, width))
     for i, line in enumerate(rep.advice):
-        out.append(line if i < 2 else "    " + line)
+        out.extend(wrap_text(line, width, "  ") if i < 2 else ["    " + line])
     if rep.error:
-        out.append(f"The cell raised {rep.error}"[:WIDTH])
+        out.extend(wrap_text(f"The cell raised {rep.error}", width))
     return "\n".join(out)
 
 
@@ -127,10 +143,10 @@ def widget(rep: Any) -> Any:
 
     def render(*_: Any) -> None:
         dtype = None if pick.value == "all" else pick.value
-        body.value = f"<div class='tm-result'>{CSS}{_table(rep, dtype).html()}</div>"
+        body.value = _table(rep, dtype).html()
 
     pick.observe(render, names="value")
     render()
     head = w.HTML(html_block(headline(rep), ""))
-    extras = w.HTML(f"<div class='tm-result'>{CSS}{_extras_html(rep)}</div>")
+    extras = w.HTML(page(_extras_html(rep)))
     return w.VBox([head, pick, body, extras])

@@ -10,15 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from torchmagic.core.tracing import format_shapes
-from torchmagic.display.format import esc, exact, human_count
-from torchmagic.display.table import CSS, Cell, Table, html_block
-
-WIDTH = 100
+from torchmagic.display.format import esc, exact, human_count, text_width, wrap_text
+from torchmagic.display.table import Cell, Table, html_block, page
 
 
-def _clip(s: str, n: int) -> str:
-    s = s.replace("\n", " ")
-    return s if len(s) <= n else s[: n - 1] + "…"
+def _fit(s: str, width: int, indent: int = 4) -> list[str]:
+    """One logical line within ``width``: wrapped at spaces, continuation lines indented by
+    ``indent`` (so a key-value row's value stays in its column)."""
+    return wrap_text(s.replace("\n", " "), width, " " * indent)
 
 
 def _line(frame: Any) -> str:
@@ -118,39 +117,43 @@ def _error_text(rep: Any) -> str:
 
 
 def text(rep: Any) -> str:
-    """Plain text, at most 100 columns."""
+    """Plain text within :func:`~torchmagic.display.format.text_width` columns (long lines
+    wrap at spaces; a quoted source line keeps its own spacing)."""
+    width = text_width()
     if rep.clean:
-        out = [rep.summary]
+        out = _fit(rep.summary, width, 2)
         if rep.error:
-            out.append(_clip(_error_text(rep), WIDTH))
+            out += _fit(_error_text(rep), width, 2)
         return "\n".join(out)
-    out = [_clip("NaN/Inf found: " + rep.summary, WIDTH)]
+    out = _fit("NaN/Inf found: " + rep.summary, width, 2)
     if rep.origin is not None:
         out.append("Origin (forward)" if rep.origin_kind == "born"
                    else "Origin (forward): entered through an input")
         for k, v in _origin_rows(rep):
-            out.append(_clip(f"  {k:<8} {v}", WIDTH))
+            out += _fit(f"  {k:<8} {v}", width, 9)
         if rep.first > 1 and rep.births:
-            out.append(_births_table(rep).text(WIDTH))
+            out.append(_births_table(rep).text(width))
         if rep.spread:
-            out.append(_spread_table(rep).text(WIDTH))
+            out.append(_spread_table(rep).text(width))
     if rep.backward is not None:
-        out.append(f"Backward: {rep.backward.kind} in {rep.backward.node}")
+        out += _fit(f"Backward: {rep.backward.kind} in {rep.backward.node}", width, 2)
         for k, v in _backward_rows(rep):
-            out.append(_clip(f"  {k:<12} {v}", WIDTH))
+            out += _fit(f"  {k:<12} {v}", width, 13)
     if rep.error:
-        out.append(_clip(_error_text(rep), WIDTH))
-    out.append(_clip(_footer(rep), WIDTH))
+        out += _fit(_error_text(rep), width, 2)
+    out += _fit(_footer(rep), width, 2)
     return "\n".join(out)
 
 
 def _kv_html(rows: list[tuple[str, str]], highlight: bool) -> str:
-    style = ("border-left:4px solid #dc2626;background:rgba(220,38,38,.08);" if highlight else
-             "border-left:4px solid rgba(127,127,127,.5);")
-    body = "".join(f'<tr><th style="padding:2px 10px 2px 0;text-align:left">{esc(k)}</th>'
-                   f'<td class="tm-mono" style="padding:2px 0">{esc(v)}</td></tr>' for k, v in rows)
-    return (f'<div style="{style}padding:6px 10px;margin:4px 0;border-radius:3px">'
-            f'<table style="border-collapse:collapse">{body}</table></div>')
+    """Key-value rows in a box (the error box when ``highlight``); values keep their spacing
+    (``white-space: pre-wrap``), so a quoted cell line reads as written."""
+    cls = "tm-error" if highlight else "tm-error tm-plain"
+    body = "".join(f'<tr><th style="padding:2px 10px 2px 0;text-align:left;vertical-align:top;'
+                   f'white-space:nowrap">{esc(k)}</th><td class="tm-mono" style="padding:2px 0;text-align:left;'
+                   f'white-space:pre-wrap">{esc(v)}</td></tr>' for k, v in rows)
+    return (f'<div class="{cls}" style="padding:6px 10px;white-space:normal">'
+            f'<table style="border-collapse:collapse;border:none">{body}</table></div>')
 
 
 def _parts_html(rep: Any) -> dict[str, str]:
@@ -166,17 +169,15 @@ def _parts_html(rep: Any) -> dict[str, str]:
         parts["origin"] = (f'<div class="tm-title" style="margin-top:6px">{esc(title)}</div>'
                            + _kv_html(_origin_rows(rep), True))
         if rep.first > 1 and rep.births:
-            parts["births"] = _births_table(rep).html().replace(
-                '<div class="tm-result">' + CSS, '<div>', 1)
+            parts["births"] = _births_table(rep).html(wrap=False)
         if rep.spread:
-            parts["spread"] = _spread_table(rep).html().replace(
-                '<div class="tm-result">' + CSS, '<div>', 1)
+            parts["spread"] = _spread_table(rep).html(wrap=False)
     if rep.backward is not None:
         parts["backward"] = (f'<div class="tm-title" style="margin-top:6px">Backward: '
                              f'{esc(rep.backward.kind)} in {esc(rep.backward.node)}</div>'
                              + _kv_html(_backward_rows(rep), rep.origin is None))
     if rep.error:
-        parts["error"] = f'<div class="tm-warn tm-note">{esc(_error_text(rep))}</div>'
+        parts["error"] = f'<div class="tm-warn">{esc(_error_text(rep))}</div>'
     parts["footer"] = f'<div class="tm-muted tm-note">{esc(_footer(rep))}</div>'
     return parts
 
@@ -194,10 +195,8 @@ def widget(rep: Any) -> Any:
     import ipywidgets as w
 
     parts = _parts_html(rep)
-    style = f"<div class='tm-result'>{CSS}"
-
     def box(key: str) -> Any:
-        return w.HTML(style + parts[key] + "</div>")
+        return w.HTML(page(parts[key]))
 
     children = [box("header")]
     if "origin" in parts:

@@ -56,7 +56,7 @@ def _result_text(r: Any) -> str:
 def _result_html(r: Any) -> str:
     body = [f'<div class="tm-mono">{esc(r.statement)}</div><table class="tm-table">']
     for k, v in _result_rows(r):
-        body.append(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>")
+        body.append(f'<tr><th class="l">{esc(k)}</th><td class="l">{esc(v)}</td></tr>')
     body.append("</table>")
     body += [f'<div class="tm-note tm-warn">{esc(n)}</div>' for n in _result_notes(r)]
     return html_block(r.label, "".join(body))

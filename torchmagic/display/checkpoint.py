@@ -141,13 +141,12 @@ def html(rep: Any) -> str:
     cls = "tm-bad" if _is_load(rep) and rep.status != "loaded" else "tm-good"
     body = [f'<div class="{cls}">{esc(head)}</div>', '<table class="tm-table">']
     for k, v in rows:
-        body.append(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>")
+        body.append(f'<tr><th class="l">{esc(k)}</th><td class="l">{esc(v)}</td></tr>')
     body.append("</table>")
     if _is_load(rep):
         table = _diff_table(rep, MAX_HTML_ROWS)
         if table is not None:
-            inner = table.html()
-            body.append(inner)
+            body.append(table.html(wrap=False))
     for n in notes:
         body.append(f'<div class="tm-note tm-warn">{esc(n)}</div>')
     title = f"{exact(rep.file_bytes)} bytes"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from torchmagic.core.device import MAX_MODULES_LISTED
-from torchmagic.display.format import esc, exact, human_bytes, human_count
+from torchmagic.display.format import esc, exact, human_bytes, human_count, text_width, wrap_text
 from torchmagic.display.table import Cell, Table, html_block
 
 
@@ -41,13 +41,9 @@ def _table(r: Any) -> Table:
                  align=["l", "l", "r", "r", "r", "l"], title=title, notes=notes)
 
 
-def wrap(note: str, width: int = 100) -> list[str]:
-    """A note as lines of at most ``width`` columns (continuations indented)."""
-    import textwrap
-
-    indent = " " * (len(note) - len(note.lstrip()))
-    return textwrap.wrap(note, width=width, subsequent_indent=indent + "  ",
-                         break_on_hyphens=False, break_long_words=True) or [""]
+def wrap(note: str, width: int | None = None) -> list[str]:
+    """A note as lines of at most ``width`` columns (continuations indented; words whole)."""
+    return wrap_text(note, width or text_width(), "  ")
 
 
 def text(r: Any) -> str:
@@ -58,7 +54,8 @@ def text(r: Any) -> str:
 
 def html(r: Any) -> str:
     t = _table(r)
-    warn = "".join(f'<div class="tm-note tm-bad">{esc(n)}</div>' for n in t.notes
+    warn = "".join(f'<div class="tm-error"><b class="tm-bad">WARNING:</b> '
+                   f'{esc(n.removeprefix("WARNING:").strip())}</div>' for n in t.notes
                    if n.startswith("WARNING"))
     t.notes = [n for n in t.notes if not n.startswith("WARNING")]
     return t.html(extra_html=warn)

@@ -68,21 +68,126 @@ def percent(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.1f}%"
 
 
-def wrap_line(line: str, width: int = 100, indent: str = "    ") -> list[str]:
-    """Wrap one line at spaces so plain text stays within ``width`` columns; continuation lines
-    start with ``indent``. Lines that fit (tables) are returned unchanged."""
+def wrap_text(line: str, width: int | None = None, indent: str = "    ") -> list[str]:
+    """One line as lines of at most ``width`` columns (default :func:`text_width`), broken at
+    spaces only: a word, a number or a path is never split (a single word longer than the width
+    stays whole on its own line). Continuation lines start with the line's own leading spaces
+    plus ``indent``. A line that fits is returned unchanged."""
+    width = width or text_width()
     if len(line) <= width:
         return [line]
+    lead = line[: len(line) - len(line.lstrip(" "))]
+    words = line[len(lead):].split(" ")
     out: list[str] = []
-    cur = ""
-    for word in line.split(" "):
-        if cur and len(cur) + 1 + len(word) > width:
-            out.append(cur)
-            cur = indent + word
+    cur = lead
+    fresh = True  # nothing but indentation on the current line yet
+    for word in words:
+        if not fresh and len(cur) + 1 + len(word) > width:
+            out.append(cur.rstrip(" "))
+            cur, fresh = lead + indent, True
+        if fresh:
+            cur += word
+            fresh = not word  # runs of spaces: keep going without a separator
         else:
-            cur = f"{cur} {word}" if cur else word
-    out.append(cur)
+            cur += " " + word
+    out.append(cur.rstrip(" "))
     return out
+
+
+def wrap_line(line: str, width: int | None = None, indent: str = "    ") -> list[str]:
+    """Alias of :func:`wrap_text` (kept for renderers written against it)."""
+    return wrap_text(line, width, indent)
+
+
+def wrap_lines(text: str, width: int | None = None, indent: str = "    ") -> str:
+    """Every line of ``text`` wrapped with :func:`wrap_text`; returns the joined text."""
+    width = width or text_width()
+    return "\n".join(x for line in text.split("\n") for x in wrap_text(line, width, indent))
+
+
+def percent_of(part: float, whole: float, digits: int = 3) -> str:
+    """``part`` as a percentage of ``whole`` with ``digits`` significant digits, never rounded to
+    ``0%`` or ``100%`` unless it is exactly that: 49,151 of 49,152 -> ``"99.998%"``, not
+    ``"100%"``; 1 of 10**9 -> ``"1e-07%"``. ``"-"`` when ``whole`` is 0."""
+    if not whole:
+        return "-"
+    p = 100.0 * part / whole
+    if part == whole or part == 0:
+        return f"{p:.{max(digits - 3, 0) or 0}f}%" if part else "0%"
+    import math
+
+    lead = math.floor(math.log10(abs(p))) if p else 0
+    decimals = max(0, digits - 1 - lead)
+    for d in range(decimals, decimals + 12):
+        s = f"{p:.{d}f}"
+        if 0 < abs(float(s)) < 100:
+            return s + "%"
+    return f"{p:.{digits}g}%"
+
+
+def clip_end(s: str, width: int) -> str:
+    """``s`` cut to ``width`` characters, ending in "…" when cut."""
+    return s if len(s) <= width else s[: max(width - 1, 0)] + "…"
+
+
+def shorten_path(path: str, width: int) -> str:
+    """A dotted module path within ``width`` characters that still tells rows apart: numbered
+    parts (``17`` in ``layers.17.mlp``), the last name and, while possible, the first name
+    (``encoder`` or ``decoder``) are kept; the names between go first
+    (``model.….17.post_attention_layernorm``), then the last name is cut at its end, then the
+    first name goes too. Only when even that does not fit is the path cut in its middle."""
+    if len(path) <= width:
+        return path
+    parts = path.split(".")
+    if len(parts) == 1:
+        return clip_end(path, width)
+    shown: list[str | None] = list(parts)
+
+    def joined() -> str:
+        out: list[str] = []
+        for p in shown:
+            if p is None:
+                if not out or out[-1] != "…":
+                    out.append("…")
+            else:
+                out.append(p)
+        return ".".join(out)
+
+    def give_back() -> str:
+        # put back what still fits, the parts nearest the leaf first
+        for j in range(len(parts) - 2, -1, -1):
+            if shown[j] is None:
+                shown[j] = parts[j]
+                if len(joined()) > width:
+                    shown[j] = None
+        return joined()
+
+    def cut_last(min_keep: int) -> str | None:
+        s, last = joined(), parts[-1]
+        keep = len(last) - (len(s) - width) - 1
+        if keep >= min(min_keep, len(last) - 1) and keep >= 1:
+            return s[: len(s) - len(last)] + last[:keep] + "…"
+        return None
+
+    for i in range(1, len(parts) - 1):  # the names between the first and the last
+        if not parts[i].isdigit():
+            shown[i] = None
+            if len(joined()) <= width:
+                return give_back()
+    out = cut_last(8)
+    if out is not None:
+        return out
+    if not parts[0].isdigit():
+        shown[0] = None
+        if len(joined()) <= width:
+            return give_back()
+    out = cut_last(3)
+    if out is not None:
+        return out
+    if width >= 8:  # both ends of the full path
+        head = (width - 1) // 3
+        return path[:head] + "…" + path[len(path) - (width - 1 - head):]
+    return clip_end(path, width)
 
 
 DEFAULT_WIDTH = 100  # columns of text output when no terminal width is known (notebooks, files)

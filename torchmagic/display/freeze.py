@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torchmagic.display.device import wrap
-from torchmagic.display.format import esc, exact, human_count, percent
+from torchmagic.display.format import exact, human_count, percent, text_width, wrap_text
 from torchmagic.display.table import Cell, Table, html_block
 
 _MAX_LISTED = 10
@@ -67,38 +66,61 @@ def _notes(r: Any) -> list[str]:
     if r.batchnorm:
         shown = ", ".join(_full(r, b) for b in r.batchnorm[:_MAX_LISTED])
         more = ", ..." if len(r.batchnorm) > _MAX_LISTED else ""
-        where = r.targets[0] if len(r.targets) == 1 else r.model
         notes.append(
             f"WARNING: {_n(len(r.batchnorm), 'BatchNorm layer')} in the frozen part ({shown}{more}; "
             f"{r.batchnorm_training} in train mode now) still "
             f"update{'s' * (len(r.batchnorm) == 1)} running_mean/running_var "
-            "in train mode; requires_grad does not stop that. To keep them fixed, put them in "
-            "eval mode after every model.train() (momentum=0 would keep the stored statistics, "
-            "but a train-mode forward still normalises with batch statistics):")
-        # The loop variable must not shadow the user's model (a model named ``m`` is common).
-        var = "layer" if where.split(".")[0] == "mod" else "mod"
-        notes += [f"    for {var} in {where}.modules():",
-                  f"        if isinstance({var}, nn.modules.batchnorm._BatchNorm):",
-                  f"            {var}.eval()"]
+            "in train mode; requires_grad does not stop that. To keep them fixed, put exactly "
+            "these in eval mode after every model.train() (momentum=0 would keep the stored "
+            "statistics, but a train-mode forward still normalises with batch statistics):")
+        notes += batchnorm_code(r)
     if r.stale_grads:
         notes.append(f"WARNING: {_n(r.stale_grads, 'frozen parameter')} still "
                      f"hold{'s' * (r.stale_grads == 1)} a .grad from an "
                      "earlier backward; an optimizer keeps applying it (and momentum/weight "
-                     f"decay) until it is None: {r.model}.zero_grad(set_to_none=True)")
+                     "decay) until it is None. Clear the frozen ones:")
+        notes += [f"    for p in {r.model}.parameters():",
+                  "        if not p.requires_grad:",
+                  "            p.grad = None"]
     for o in r.optimizers:
         if r.action == "freeze":
             notes.append(
-                f"NOTE: optimizer {o.name} ({o.type_name}) was built with {o.count} of the "
-                "parameters just frozen; it skips them only while their .grad is None. Build it "
-                "from the trainable ones:")
+                f"NOTE: optimizer {o.name} ({o.type_name}) holds {o.count} of the parameters "
+                "just frozen; it skips them only while their .grad is None. Drop them from it "
+                "(its settings and the state of the others are kept):")
+            notes += [f"    for group in {o.name}.param_groups:",
+                      '        group["params"][:] = [p for p in group["params"] '
+                      "if p.requires_grad]"]
         else:
             notes.append(
                 f"NOTE: optimizer {o.name} ({o.type_name}) does not hold {o.count} of the "
-                "parameters just unfrozen: they get gradients but are never updated. Rebuild it "
-                f"(or use {o.name}.add_param_group):")
-        notes.append(f"    {o.name} = torch.optim.{o.type_name}(filter(lambda p: p.requires_grad, "
-                     f"{r.model}.parameters()), ...)")
+                "parameters just unfrozen: they get gradients but are never updated. Add them "
+                f"as a new parameter group (with {o.name}'s default settings):")
+            notes += [f'    held = {{id(q) for g in {o.name}.param_groups for q in g["params"]}}',
+                      f'    {o.name}.add_param_group({{"params": [',
+                      f"        p for p in {r.model}.parameters() "
+                      "if p.requires_grad and id(p) not in held]})"]
     return notes
+
+
+def batchnorm_code(r: Any, width: int | None = None) -> list[str]:
+    """The code (note lines indented by 4) that puts exactly the frozen BatchNorm layers in eval
+    mode: a loop over their paths, never over ``model.modules()`` (that would also fix layers
+    left trainable)."""
+    width = width or text_width()
+    paths = ['""' if b == "(root)" else f'"{b}"' for b in r.batchnorm]
+    root = r.model.split(".")[0].split("[")[0]
+    var = "bn_path" if root != "bn_path" else "frozen_bn"  # never rebind the model's name
+    head = f"    for {var} in ["
+    lines, cur = [], head
+    for i, item in enumerate(paths):
+        piece = item + (", " if i < len(paths) - 1 else "]:")
+        if cur != head and len(cur) + len(piece.rstrip()) > width:
+            lines.append(cur.rstrip())
+            cur = " " * len(head)
+        cur += piece
+    lines.append(cur)
+    return [*lines, f"        {r.model}.get_submodule({var}).eval()"]
 
 
 def _table(r: Any) -> Table:
@@ -114,30 +136,18 @@ def _table(r: Any) -> Table:
 
 
 def text(r: Any) -> str:
+    width = text_width()
     t = _table(r)
     t.title = None
-    head = wrap(_headline(r))
-    t.notes = [line for n in t.notes for line in wrap(n)]
-    return "\n".join([*head, t.text()])
+    head = wrap_text(_headline(r), width, "  ")
+    t.notes = [line for n in t.notes for line in
+               ([n] if n.startswith("    ") else wrap_text(n, width, "  "))]
+    return "\n".join([*head, t.text(width)])
 
 
 def html(r: Any) -> str:
-    t = _table(r)
-    notes, t.notes = t.notes, []
-    parts: list[str] = []
-    code: list[str] = []
-    for n in [*notes, ""]:
-        if n.startswith("    "):
-            code.append(n[4:])
-            continue
-        if code:
-            parts.append(f'<pre class="tm-mono">{esc(chr(10).join(code))}</pre>')
-            code = []
-        if n:
-            warn = " tm-warn" if n.startswith(("WARNING", "NOTE")) else ""
-            parts.append(f'<div class="tm-note{warn}">{esc(n)}</div>')
-    extra = "".join(parts)
-    return t.html(extra_html=extra)
+    """The table, then the notes: warnings in the warning box, code as preformatted text."""
+    return _table(r).html()
 
 
 def widget(r: Any) -> Any:

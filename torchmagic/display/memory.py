@@ -1,12 +1,13 @@
 """Rendering of ``%gpumem`` results: :class:`MemoryReport`, :class:`CellMemory` (``%%gpumem`` and the
-one-line ``--watch`` report) and :class:`TopTensors` (``--top``), as text (<= 100 columns), HTML with
-used/reserved/total bars per device, and ipywidgets (progress bars per device)."""
+one-line ``--watch`` report) and :class:`TopTensors` (``--top``), as text (fits
+:func:`~torchmagic.display.format.text_width`), HTML with used/reserved/total bars per device, and
+ipywidgets (progress bars per device). :func:`watch_html` is the ``--watch`` panel."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from torchmagic.display.format import esc, exact, human_bytes
+from torchmagic.display.format import esc, exact, human_bytes, text_width, wrap_text
 from torchmagic.display.table import Cell, Table, html_block
 
 
@@ -26,12 +27,9 @@ def _kind(obj: Any) -> str:
 
 
 # -- MemoryReport --------------------------------------------------------------------------------
-def _wrap(text: str, width: int = 100) -> str:
+def _wrap(text: str, width: int | None = None) -> str:
     """Wrap a long note to ``width`` columns (continuation lines indented)."""
-    import textwrap
-
-    return textwrap.fill(text, width=width, subsequent_indent="  ", break_long_words=False,
-                         break_on_hyphens=False)
+    return "\n".join(wrap_text(text, width or text_width(), "  "))
 
 
 def _cpu_line(cpu: Any, sep: str = " | ") -> str:
@@ -65,11 +63,11 @@ def _device_names(rep: Any) -> list[str]:
 
 
 def _report_text(rep: Any) -> str:
-    lines = [f"%gpumem | {rep.cuda}"]
+    lines = [_wrap(f"%gpumem | {rep.cuda}")]
     if rep.devices:
         lines.extend(_device_names(rep))
         lines.append(_device_table(rep).text())
-    lines.append(_cpu_line(rep.cpu, sep="\n"))
+    lines.extend(_wrap(x) for x in _cpu_line(rep.cpu, sep="\n").split("\n"))
     lines.extend(_wrap(f"reset: {r}") for r in rep.reset)
     lines.extend(_wrap(f"note: {n}") for n in rep.notes)
     return "\n".join(lines)
@@ -88,13 +86,18 @@ def _bar_html(used: int | None, reserved: int | None, total: int | None, width: 
     return (f'<span title="{esc(title)}" style="display:inline-block;width:{width}px;height:10px;'
             'border:1px solid rgba(127,127,127,.5);border-radius:3px;vertical-align:middle;'
             'overflow:hidden;white-space:nowrap;line-height:0">'
-            f'<span style="display:inline-block;height:10px;width:{wu:.1f}px;background:#3b82f6">'
+            f'<span style="display:inline-block;height:10px;width:{wu:.1f}px;background:#1976d2">'
             '</span><span style="display:inline-block;height:10px;'
-            f'width:{wr:.1f}px;background:rgba(59,130,246,.35)"></span></span>')
+            f'width:{wr:.1f}px;background:#1976d2;opacity:.35"></span></span>')
 
 
 def _report_html(rep: Any) -> str:
-    parts = [f'<div class="tm-title">%gpumem · {esc(rep.cuda)}</div>']
+    return html_block(None, _report_body(rep))
+
+
+def _report_body(rep: Any, title: bool = True) -> str:
+    parts = [f'<div class="tm-title">%gpumem · {esc(rep.cuda)}</div>' if title else
+             f'<div class="tm-muted">{esc(rep.cuda)}</div>']
     for d in rep.devices:
         cap = f" · compute {esc(d.capability)}" if d.capability else ""
         parts.append(f'<div class="tm-kv"><b>{esc(d.device)}</b> {esc(d.name)}{cap} '
@@ -103,7 +106,7 @@ def _report_html(rep: Any) -> str:
                      f'{esc(human_bytes(d.reserved))} reserved · '
                      f'{esc(human_bytes(d.total))} total</span></div>')
     if rep.devices:
-        parts.append(_device_table(rep).html())
+        parts.append(_device_table(rep).html(wrap=False))
     cpu = rep.cpu
     parts.append(f'<div class="tm-kv" style="margin-top:6px"><b>CPU</b> '
                  f'{_bar_html(cpu.rss, cpu.peak_rss, cpu.total)} '
@@ -112,7 +115,7 @@ def _report_html(rep: Any) -> str:
         parts.append(f'<div class="tm-note">reset: {esc(r)}</div>')
     for n in rep.notes:
         parts.append(f'<div class="tm-note tm-muted">{esc(n)}</div>')
-    return html_block(None, "".join(parts))
+    return "".join(parts)
 
 
 def _progress(label: str, value: int | None, total: int | None, tip: str) -> Any:
@@ -143,6 +146,8 @@ def _report_widget(rep: Any) -> Any:
     rows.append(_progress("RSS", cpu.rss, cpu.total, f"{exact(cpu.rss)} bytes"))
     if cpu.peak_rss is not None:
         rows.append(_progress("peak RSS", cpu.peak_rss, cpu.total, f"{exact(cpu.peak_rss)} bytes"))
+    if not rep.devices:  # the bars above say everything the HTML would
+        return w.VBox(rows)
     details = w.Accordion(children=[w.HTML(_report_html(rep))], titles=("details",))
     details.selected_index = None
     return w.VBox([*rows, details])
@@ -296,16 +301,14 @@ def widget(obj: Any) -> Any:
     return w.HTML(html(obj))
 
 
-class LiveWatch:
-    """The ``--watch`` widget in a widget front end: bars per device, updated after every cell."""
+def watch_html(report: Any, cell: Any) -> str:
+    """The ``%gpumem --watch`` panel after a cell: the cell's one-line report over the memory
+    report (HTML, so a saved notebook keeps it)."""
+    return html_block("%gpumem --watch: memory after the last cell",
+                      f'<div class="tm-mono" style="margin-bottom:4px">{esc(one_line(cell))}</div>'
+                      + _report_body(report, title=False))
 
-    def __init__(self) -> None:
-        import ipywidgets as w
 
-        self.box = w.VBox([w.HTML("<b>%gpumem --watch</b>: waiting for the next cell")])
-
-    def update(self, report: Any, cell: Any) -> None:
-        import ipywidgets as w
-
-        self.box.children = [w.HTML(f"<b>%gpumem --watch</b> · last: <code>{esc(one_line(cell))}"
-                                    "</code>"), _report_widget(report)]
+def watch_text(report: Any, cell: Any) -> str:
+    """The ``--watch`` panel as text: the one-line cell report."""
+    return "\n".join(wrap_text(one_line(cell), text_width(), "  "))

@@ -1,42 +1,27 @@
 """Rendering of :class:`~torchmagic.core.meta.MetaShapeReport` (``%%meta_shape``).
 
-- Text (100 columns, no colour): a values table (line, name, type, shape, dtype, device, detail),
-  the module-call tree to the report's depth (indented, input -> output shapes, folded repeats as
-  ``layers.0-31 ×32``), what was taken from the namespace, notes, and the error if the run stopped.
-- HTML (self-contained, no JavaScript): the same values table, and the call tree as nested
-  ``<details>`` elements, so modules expand and collapse in any viewer.
+- Text (fits :func:`~torchmagic.display.format.text_width`, no colour): a values table (line,
+  name, type, shape, dtype, device, detail), the module-call tree to the report's depth (indented,
+  input -> output shapes, repeated blocks folded as ``layers.0-31 ×32`` followed by the first
+  block's calls), what was taken from the namespace, notes, and the error if the run stopped.
+- HTML (self-contained, no JavaScript): the same values table, and the call tree of
+  :mod:`torchmagic.display.tree` (native ``<details>``; a folded run opens to its first block and
+  the list of the others; a failed call is shown open).
 - Widget: the header and values table, a depth slider and expand/collapse-all buttons that
   re-render the call tree (down to every depth recorded, beyond the report's default).
 """
 
 from __future__ import annotations
 
-import textwrap
 from typing import Any
 
 from torchmagic.core.tracing import format_shapes
-from torchmagic.display.format import esc, exact, human_count
-from torchmagic.display.table import CSS, Cell, Table
+from torchmagic.display import tree as T
+from torchmagic.display.format import esc, exact, human_count, text_width, wrap_text
+from torchmagic.display.table import Cell, Table, page
 
-_WIDTH = 100
-
-_TREE_CSS = """
-<style>
-.tm-result .tm-tree{font-family:var(--jp-code-font-family,ui-monospace,SFMono-Regular,Menlo,monospace);
- font-size:12px;line-height:1.55}
-.tm-result .tm-tree details>summary{cursor:pointer;list-style:none}
-.tm-result .tm-tree details>summary::-webkit-details-marker{display:none}
-.tm-result .tm-tree details>summary::before{content:'▸';display:inline-block;width:1em;opacity:.6}
-.tm-result .tm-tree details[open]>summary::before{content:'▾'}
-.tm-result .tm-tree .tm-leaf{padding-left:1em}
-.tm-result .tm-tree .tm-kids{margin-left:1.1em;border-left:1px solid rgba(127,127,127,.3);
- padding-left:.4em}
-.tm-result .tm-tree .tm-cls{opacity:.7}
-.tm-result .tm-tree .tm-arrow{opacity:.55}
-.tm-result .tm-errbox{border-left:3px solid #dc2626;padding:4px 8px;margin:6px 0;
- background:rgba(220,38,38,.08)}
-</style>
-""".strip()
+HEADERS = ["module", "class", "input", "output", "line"]
+ALIGN = ["l", "l", "l", "l", "r"]
 
 
 # -- shared pieces ------------------------------------------------------------------------------
@@ -72,57 +57,67 @@ def _values_table(r: Any) -> Table:
                  title="values", clip_middle=[1])
 
 
-def _label(row: Any, parent_path: str | None) -> str:
-    path = row.path
+def _label(path: str, parent_path: str | None) -> str:
+    """A call's name under its parent call: relative to it (a number keeps the parent's last
+    name: ``features.0``), the full path for calls made from the cell or elsewhere."""
     if parent_path and path.startswith(parent_path + "."):
-        path = path[len(parent_path) + 1:]
-    if row.repeat > 1 and row.last_path == row.path:
-        return f"{path or '<root>'} ×{row.repeat}"
-    if row.repeat > 1:
-        last = row.last_path.rsplit(".", 1)[-1].rsplit("[", 1)[-1].rstrip("]")
-        return f"{path}-{last} ×{row.repeat}"
+        rel = path[len(parent_path) + 1:]
+        if rel.isdigit():
+            return parent_path.rsplit(".", 1)[-1] + "." + rel
+        return rel
     return path or "<root>"
-
-
-def _visible(r: Any, depth: int) -> list[tuple[Any, str, str | None]]:
-    """(row, label, parent path) of the calls to show, in order."""
-    out: list[tuple[Any, str, str | None]] = []
-    parents: list[Any] = []
-    for row in r.calls:
-        del parents[row.depth:]
-        parent = parents[-1].path if parents and row.depth else None
-        parents.append(row)
-        if row.depth <= depth:
-            out.append((row, _label(row, parent), parent))
-    return out
 
 
 def _out(row: Any) -> str:
     return "FAILED" if row.failed else format_shapes(row.outputs)
 
 
-def _calls_table(r: Any) -> Table:
-    shown = _visible(r, r.depth)
-    rows, indent, css = [], [], []
-    for row, label, _ in shown:
-        rows.append([label, row.cls, format_shapes(row.inputs),
-                     Cell(_out(row), css="tm-bad" if row.failed else None),
-                     "" if row.line is None else str(row.line)])
-        indent.append(row.depth)
-        css.append("tm-bad" if row.failed else None)
+def _rows(r: Any, depth: int) -> list[T.TreeRow]:
+    """The calls to show (to ``depth``) as tree rows: class, input, output, line."""
+    out: list[T.TreeRow] = []
+    parents: list[Any] = []
+    for row in r.calls:
+        del parents[row.depth:]
+        parent = parents[-1].path if parents and row.depth else None
+        parents.append(row)
+        if row.depth > depth:
+            continue
+        cells = [row.cls, format_shapes(row.inputs),
+                 Cell(_out(row), css="tm-bad" if row.failed else None),
+                 "" if row.line is None else str(row.line)]
+        title = row.path + (f" … {row.last_path}" if row.repeat > 1 and row.last_path and
+                            row.last_path != row.path else "")
+        out.append(T.TreeRow(path=row.path, depth=row.depth, cells=cells,
+                             css="tm-bad" if row.failed else None, failed=row.failed, data=row,
+                             label=_label(row.path, parent), title=title, repeat=row.repeat,
+                             last_path=row.last_path))
+    return out
+
+
+def _tree(r: Any, depth: int) -> list[T.Node]:
+    return T.fold(T.link(_rows(r, depth)))
+
+
+def _calls_title(r: Any) -> str:
     folded = sum(1 for row in r.calls if row.repeat > 1)
     plural = "" if r.total_calls == 1 else "s"
-    title = (f"module calls (depth {r.depth}; {r.total_calls:,} call{plural}"
-             + (", repeated blocks folded" if folded else "") + ")")
-    return Table(headers=["module", "class", "input", "output", "line"], rows=rows,
-                 align=["l", "l", "l", "l", "r"], title=title, indent=indent, row_css=css,
-                 clip_middle=[0])
+    return (f"module calls (depth {r.depth}; {r.total_calls:,} call{plural}"
+            + (", repeated blocks folded" if folded else "") + ")")
+
+
+def _calls_table(r: Any) -> Table:
+    rows, indent, css, folded = T.text_rows(_tree(r, r.depth), label=lambda n: n.label,
+                                            representative_row=False)
+    notes = []
+    if folded:
+        notes.append("name.0-N ×K: K identical calls folded into one row; the calls under it "
+                     "are the first one's")
+    return Table(headers=HEADERS, rows=rows, align=ALIGN, title=_calls_title(r), indent=indent,
+                 row_css=css, clip_middle=[0], fixed=[2, 3], keep_whole=[1], notes=notes)
 
 
 def _wrap(text: str, prefix: str = "") -> list[str]:
-    return textwrap.wrap(text, width=_WIDTH, initial_indent=prefix,
-                         subsequent_indent=" " * (len(prefix) + 2), break_on_hyphens=False,
-                         break_long_words=True) or [prefix]
+    return wrap_text(prefix + text, text_width(), "  ")
 
 
 def _notes(r: Any) -> list[tuple[str, str]]:
@@ -138,13 +133,13 @@ def _notes(r: Any) -> list[tuple[str, str]]:
 
 # -- text ---------------------------------------------------------------------------------------
 def text(r: Any) -> str:
-    parts = [_header(r)]
+    parts = [*wrap_text(_header(r), text_width(), "  ")]
     if r.values:
-        parts.append(_values_table(r).text(_WIDTH))
+        parts.append(_values_table(r).text())
     else:
         parts.append("values: none assigned" + ("" if r.ok else " before the error"))
     if r.calls:
-        parts.append(_calls_table(r).text(_WIDTH))
+        parts.append(_calls_table(r).text())
     else:
         parts.append("module calls: none")
     lines: list[str] = []
@@ -161,34 +156,13 @@ def text(r: Any) -> str:
 
 # -- html ---------------------------------------------------------------------------------------
 def tree_html(r: Any, depth: int, open_depth: int | None = None) -> str:
-    """The call tree as nested ``<details>`` (rows to ``depth``; open to ``open_depth``)."""
-    shown = _visible(r, depth)
-    if not shown:
+    """The call tree as nested ``<details>`` (rows to ``depth``; levels open to ``open_depth``,
+    by default all shown levels; failed calls always open)."""
+    roots = _tree(r, depth)
+    if not roots:
         return '<div class="tm-muted">no module calls</div>'
-    open_depth = depth if open_depth is None else open_depth
-    parts = ['<div class="tm-tree">']
-    stack: list[int] = []
-    for i, (row, label, _) in enumerate(shown):
-        while stack and stack[-1] >= row.depth:
-            stack.pop()
-            parts.append("</div></details>")
-        has_kids = i + 1 < len(shown) and shown[i + 1][0].depth > row.depth
-        title = row.path + (f" … {row.last_path}" if row.repeat > 1 else "")
-        line = f' <span class="tm-muted">line {row.line}</span>' if row.line else ""
-        out = ('<span class="tm-bad">FAILED</span>' if row.failed
-               else esc(format_shapes(row.outputs)))
-        body = (f'<span title="{esc(title)}">{esc(label)}</span> '
-                f'<span class="tm-cls">{esc(row.cls)}</span> '
-                f'{esc(format_shapes(row.inputs))} <span class="tm-arrow">→</span> {out}{line}')
-        if has_kids:
-            is_open = " open" if row.depth < open_depth or row.failed else ""
-            parts.append(f"<details{is_open}><summary>{body}</summary><div class=\"tm-kids\">")
-            stack.append(row.depth)
-        else:
-            parts.append(f'<div class="tm-leaf">{body}</div>')
-    parts.extend("</div></details>" for _ in stack)
-    parts.append("</div>")
-    return "".join(parts)
+    return T.tree_html(roots, HEADERS, ALIGN,
+                       open_depth=depth if open_depth is None else open_depth)
 
 
 def _notes_html(r: Any) -> str:
@@ -198,26 +172,21 @@ def _notes_html(r: Any) -> str:
     if r.error:
         msg = r.error if r.error_kind != "interrupt" else \
             f"interrupted (KeyboardInterrupt) at line {r.error_line}"
-        parts.append(f'<div class="tm-errbox"><span class="tm-bad">error:</span> {esc(msg)}</div>')
+        parts.append(f'<div class="tm-error"><span class="tm-bad">error:</span> {esc(msg)}</div>')
     return "".join(parts)
 
 
 def _values_html(r: Any) -> str:
     if not r.values:
         return '<div class="tm-muted">no values assigned</div>'
-    return _values_table(r).html()
+    return _values_table(r).html(wrap=False)
 
 
 def html(r: Any) -> str:
-    folded = sum(1 for row in r.calls if row.repeat > 1)
-    plural = "" if r.total_calls == 1 else "s"
-    calls_title = (f"module calls (depth {r.depth}; {r.total_calls:,} call{plural}"
-                   + (", repeated blocks folded" if folded else "") + ")")
-    return (f'<div class="tm-result">{CSS}{_TREE_CSS}'
-            f'<div class="tm-title">{esc(_header(r))}</div>'
-            f"{_values_html(r)}"
-            f'<div class="tm-title" style="margin-top:8px">{esc(calls_title)}</div>'
-            f"{tree_html(r, r.depth)}{_notes_html(r)}</div>")
+    return page(f'<div class="tm-title">{esc(_header(r))}</div>'
+                f"{_values_html(r)}"
+                f'<div class="tm-title" style="margin-top:8px">{esc(_calls_title(r))}</div>'
+                f"{tree_html(r, r.depth)}{_notes_html(r)}")
 
 
 # -- widget -------------------------------------------------------------------------------------
@@ -225,8 +194,7 @@ def widget(r: Any) -> Any:
     import ipywidgets as w
 
     max_depth = max((row.depth for row in r.calls), default=0)
-    head = w.HTML(f'<div class="tm-result">{CSS}{_TREE_CSS}'
-                  f'<div class="tm-title">{esc(_header(r))}</div>{_values_html(r)}</div>')
+    head = w.HTML(page(f'<div class="tm-title">{esc(_header(r))}</div>{_values_html(r)}'))
     tree = w.HTML()
     depth = w.IntSlider(value=min(r.depth, max_depth), min=0, max=max_depth, step=1,
                         description="depth", continuous_update=False,
@@ -237,7 +205,7 @@ def widget(r: Any) -> Any:
 
     def render(*_: Any) -> None:
         body = tree_html(r, depth.value, state["open"])
-        tree.value = f'<div class="tm-result">{CSS}{_TREE_CSS}{body}</div>'
+        tree.value = page(body)
 
     def on_expand(_: Any) -> None:
         state["open"] = max_depth + 1
@@ -253,11 +221,11 @@ def widget(r: Any) -> Any:
     render()
     children = [head]
     if r.calls:
-        children.append(w.HTML(f'<div class="tm-result">{CSS}<div class="tm-title">module calls '
-                               f'({r.total_calls:,})</div></div>'))
+        children.append(w.HTML(page(f'<div class="tm-title">module calls '
+                                    f'({r.total_calls:,})</div>')))
         children.append(w.HBox([depth, expand, collapse]))
         children.append(tree)
-    children.append(w.HTML(f'<div class="tm-result">{CSS}{_TREE_CSS}{_notes_html(r)}</div>'))
+    children.append(w.HTML(page(_notes_html(r))))
     box = w.VBox(children)
     box.add_class("tm-meta-shape")
     return box

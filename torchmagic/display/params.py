@@ -1,17 +1,29 @@
 """Rendering of :class:`torchmagic.core.params.ParamReport` (``%params``).
 
-Text and HTML: a per-module table (recursive counts, tied parameters at their first name), then
-totals, bytes by dtype, devices (a loud WARNING when split), buffers and the tied parameters with
-all their names. Widget: totals header, bars by top-level module and by dtype, and the HTML table.
+Text and HTML: the module tree (recursive counts, tied parameters at their first name, identical
+blocks folded as ``layers.0-79 ×80`` with their totals), then totals, bytes by dtype, devices (a
+warning when split), buffers and the tied parameters with all their names. The text fits
+:func:`~torchmagic.display.format.text_width`; the HTML is cards, the tree (native ``<details>``),
+bars by top-level module and by dtype. Widget (``%config TorchMagic.display = "widget"``): the
+same pieces in three HTML widgets.
 """
 
 from __future__ import annotations
 
-import textwrap
+import dataclasses
 from typing import Any
 
-from torchmagic.display.format import count_with_human, esc, exact, human_bytes, human_count
-from torchmagic.display.table import Cell, Table, html_block
+from torchmagic.display.format import (
+    count_with_human,
+    esc,
+    exact,
+    human_bytes,
+    human_count,
+    text_width,
+    wrap_text,
+)
+from torchmagic.display.table import Cell, Table, bars_html, cards_html, page
+from torchmagic.display.tree import Node, TreeRow, fold, link, text_rows, tree_html
 
 
 def _count(n: int, what: str = "parameters") -> Cell:
@@ -36,47 +48,83 @@ def title(r: Any) -> str:
     return f"{r.name} ({r.model_class}) parameters (depth {r.depth}{which})"
 
 
-def table(r: Any, compact: bool = False) -> Table:
+def _columns(r: Any) -> tuple[list[str], list[str], dict[str, int]]:
     show_devices = len(set(r.devices) | set(r.buffer_devices)) > 1
-    show_buffers = r.buffer_count > 0
     show_split = r.only is None and r.frozen_params > 0
     headers = ["module", "type", "params", "%"]
-    align = ["l", "l", "r", "r"]
     if show_split:
         headers += ["trainable", "frozen"]
-        align += ["r", "r"]
     headers += ["bytes", "dtype"]
-    align += ["r", "l"]
     if show_devices:
         headers.append("device")
-        align.append("l")
-    if show_buffers:
+    if r.buffer_count > 0:
         headers.append("buffers")
-        align.append("r")
-    notes_col = any(row.tied for row in r.rows)
-    if notes_col:
+    if any(row.tied for row in r.rows):
         headers.append("tied")
-        align.append("l")
-    rows = []
-    for row in r.rows:
-        cells: list[object] = [Cell(row.name, title=row.path or r.model_class), row.cls,
-                               _params_cell(row),
-                               Cell(f"{row.percent:.1f}%" if row.params else "-",
-                                    title=f"{row.percent:.4f}%")]
-        if show_split:
-            cells += [_count(row.trainable, "trainable"), _count(row.frozen, "frozen")]
-        cells += [Cell(human_bytes(row.bytes), title=f"{exact(row.bytes)} bytes"),
-                  ",".join(row.dtypes) or "-"]
-        if show_devices:
-            cells.append(",".join(row.devices) or "-")
-        if show_buffers:
-            cells.append(Cell(human_count(row.buffers) if row.buffers else "-",
-                              title=f"{exact(row.buffers)} buffer elements, "
-                                    f"{exact(row.buffer_bytes)} bytes"))
-        if notes_col:
-            cells.append("; ".join(row.tied))
-        rows.append(cells)
-    return Table(headers=headers, rows=rows, align=align, title=title(r), clip_middle=[0])
+    align = ["r" if h in ("params", "%", "trainable", "frozen", "bytes", "buffers") else "l"
+             for h in headers]
+    return headers, align, {h: i for i, h in enumerate(headers)}
+
+
+def _cells(r: Any, row: Any, index: dict[str, int]) -> list[Any]:
+    cells: list[Any] = [row.cls, _params_cell(row),
+                        Cell(f"{row.percent:.1f}%" if row.params else "-",
+                             title=f"{row.percent:.4f}%")]
+    if "trainable" in index:
+        cells += [_count(row.trainable, "trainable"), _count(row.frozen, "frozen")]
+    cells += [Cell(human_bytes(row.bytes), title=f"{exact(row.bytes)} bytes"),
+              ",".join(row.dtypes) or "-"]
+    if "device" in index:
+        cells.append(",".join(row.devices) or "-")
+    if "buffers" in index:
+        cells.append(Cell(human_count(row.buffers) if row.buffers else "-",
+                          title=f"{exact(row.buffers)} buffer elements, "
+                                f"{exact(row.buffer_bytes)} bytes"))
+    if "tied" in index:
+        cells.append("; ".join(row.tied))
+    return cells
+
+
+def tree(r: Any) -> tuple[list[str], list[str], list[Node]]:
+    """``(headers, align, roots)``: the module tree with identical blocks folded."""
+    headers, align, index = _columns(r)
+    rows = [TreeRow(path=row.path, depth=row.depth, cells=_cells(r, row, index), data=row,
+                    title=row.path or r.model_class) for row in r.rows]
+
+    def totals(members: list[TreeRow]) -> list[Cell]:
+        rs = [m.data for m in members]
+        total = dataclasses.replace(
+            rs[0], params=sum(x.params for x in rs), trainable=sum(x.trainable for x in rs),
+            frozen=sum(x.frozen for x in rs), bytes=sum(x.bytes for x in rs),
+            buffers=sum(x.buffers for x in rs), buffer_bytes=sum(x.buffer_bytes for x in rs),
+            uninitialized=sum(x.uninitialized for x in rs), unknown=sum(x.unknown for x in rs),
+            percent=sum(x.percent for x in rs))
+        return [c if isinstance(c, Cell) else Cell(c) for c in _cells(r, total, index)]
+
+    return headers, align, fold(link(rows), totals)
+
+
+def _fold_note(roots: list[Node]) -> str | None:
+    stack = list(roots)
+    while stack:
+        n = stack.pop(0)
+        if n.members:
+            k = len(n.members)
+            return (f"{n.run_label(full=True)}: {k} identical blocks folded into one row (their "
+                    f"totals); the rows under it are the first block, {n.row.path}")
+        stack[:0] = n.children
+    return None
+
+
+def table(r: Any, compact: bool = False) -> Table:
+    """The module table (text), identical blocks folded."""
+    headers, align, roots = tree(r)
+    rows, _, css, _ = text_rows(roots, label=lambda n: n.row.path or "(root)", full=True)
+    order = ["tied", "buffers", "%", "frozen", "trainable", "device", "dtype"]
+    drop = [headers.index(h) for h in order if h in headers]
+    notes = [x for x in [_fold_note(roots)] if x]
+    return Table(headers=headers, rows=rows, align=align, title=title(r), row_css=css,
+                 clip_middle=[0], drop=drop, keep_whole=[1], notes=notes)
 
 
 def summary_lines(r: Any) -> list[tuple[str, str, str | None]]:
@@ -104,58 +152,97 @@ def summary_lines(r: Any) -> list[tuple[str, str, str | None]]:
         out.append(("Tied", f"{' = '.join(t.names)}: {human_count(t.numel)} "
                             f"({'x'.join(map(str, t.shape))} {t.dtype}), counted once", None))
     for w in r.warnings:
-        out.append(("WARNING", w, "tm-bad"))
+        out.append(("WARNING", w, "tm-error"))
     for n in r.notes:
         out.append(("Note", n, None))
     return out
 
 
 def text(r: Any) -> str:
-    lines = [table(r, compact=True).text(width=100)]
+    width = text_width()
+    lines = [table(r).text(width)]
     for label, value, _ in summary_lines(r):
-        lines.extend(textwrap.wrap(f"{label}: {value}", width=100, subsequent_indent="    ",
-                                   break_on_hyphens=False) or [""])
+        lines.extend(wrap_text(f"{label}: {value}", width))
     return "\n".join(lines)
 
 
-def html(r: Any) -> str:
-    t = table(r)
-    extra = "".join(
-        f'<div class="tm-note{" " + css if css else ""}"><b>{esc(label)}:</b> {esc(value)}</div>'
-        for label, value, css in summary_lines(r))
-    return t.html(extra_html=extra)
+# -- html ----------------------------------------------------------------------------------------
+def _cards(r: Any) -> str:
+    items = [("parameters", human_count(r.total_params), exact(r.total_params))]
+    if r.frozen_params:
+        items += [("trainable", f"{human_count(r.trainable_params)} ({r.trainable_percent:.1f}%)",
+                   exact(r.trainable_params)),
+                  ("frozen", human_count(r.frozen_params), exact(r.frozen_params))]
+    items += [("bytes", human_bytes(r.param_bytes), f"{exact(r.param_bytes)} bytes"),
+              ("tensors", f"{r.param_tensors:,}", None)]
+    if r.buffer_count:
+        items.append(("buffers", human_bytes(r.buffer_bytes), f"{exact(r.buffer_bytes)} bytes"))
+    items.append(("devices", ", ".join(sorted(r.devices)) or "-", None))
+    return cards_html(items)
 
 
-def widget(r: Any) -> Any:
-    import ipywidgets as w
-
-    from torchmagic.display.widgets import bars, html_widget, totals_header
-
-    cards = [("parameters", human_count(r.total_params), exact(r.total_params)),
-             ("trainable", f"{human_count(r.trainable_params)} ({r.trainable_percent:.1f}%)",
-              exact(r.trainable_params)),
-             ("frozen", human_count(r.frozen_params), exact(r.frozen_params)),
-             ("bytes", human_bytes(r.param_bytes), f"{exact(r.param_bytes)} bytes"),
-             ("buffers", human_bytes(r.buffer_bytes), f"{exact(r.buffer_bytes)} bytes"),
-             ("devices", ", ".join(sorted(r.devices)) or "-", None)]
-    parts: list[Any] = [totals_header(cards, title=title(r))]
-    if r.warnings:
-        parts.append(html_widget(html_block(None, "".join(
-            f'<div class="tm-note tm-bad">WARNING: {esc(x)}</div>' for x in r.warnings))))
+def _bars(r: Any) -> str:
     top = [row for row in r.rows if row.depth == 1 and row.params]
     root = next((row for row in r.rows if row.depth == 0), None)
-    items = [(row.path, float(row.params), human_count(row.params), f"{exact(row.params)} parameters")
-             for row in top]
+    items = [(row.path, float(row.params), human_count(row.params),
+              f"{exact(row.params)} parameters") for row in top]
     if root is not None:
         rest = root.params - sum(row.params for row in top)
         if rest > 0:
-            items.append(("(root itself)", float(rest), human_count(rest), f"{exact(rest)} parameters"))
+            items.append(("(root itself)", float(rest), human_count(rest),
+                          f"{exact(rest)} parameters"))
     by_dtype = [(k, float(v), f"{human_count(r.params_by_dtype[k])} params, {human_bytes(v)}",
                  f"{exact(v)} bytes") for k, v in sorted(r.bytes_by_dtype.items())]
-    parts.append(w.HBox([bars("parameters by top-level module", items),
-                         bars("bytes by dtype", by_dtype)],
-                        layout=w.Layout(flex_flow="row wrap", align_items="flex-start")))
-    parts.append(html_widget(html(r)))
-    box = w.VBox(parts)
-    box.add_class("tm-params")
-    return box
+    parts = []
+    if items:
+        parts.append(bars_html("parameters by top-level module", items))
+    if by_dtype:
+        parts.append(bars_html("bytes by dtype", by_dtype))
+    return f'<div class="tm-bars">{"".join(parts)}</div>' if parts else ""
+
+
+def _lines_html(r: Any) -> str:
+    out = []
+    for label, value, css in summary_lines(r):
+        if label in ("Total", "Trainable"):  # the cards say these
+            continue
+        cls = f" {css}" if css else ""
+        lab = f'<b class="tm-bad">{esc(label)}:</b>' if css == "tm-error" else f"<b>{esc(label)}:</b>"
+        out.append(f'<div class="tm-note{cls}">{lab} {esc(value)}</div>')
+    return "".join(out)
+
+
+def _head_html(r: Any) -> str:
+    return f'<div class="tm-title">{esc(title(r))}</div>{_cards(r)}'
+
+
+def _body_html(r: Any) -> str:
+    headers, align, roots = tree(r)
+    note = _fold_note(roots)
+    fold_html = (f'<div class="tm-note tm-muted">{esc(note)}; open a folded row for the first '
+                 "block and the list of the others</div>" if note else "")
+    return (tree_html(roots, headers, align,
+                      label=lambda n: n.label if n.row.path else r.model_class)
+            + _bars(r) + fold_html + _lines_html(r))
+
+
+def html(r: Any) -> str:
+    return page(_head_html(r) + _body_html(r))
+
+
+def widget(r: Any) -> Any:
+    """Three HTML widgets: title and cards, the bars, the tree and the lines under it."""
+    import ipywidgets as w
+
+    def box(inner: str) -> Any:
+        return w.HTML(page(inner))
+
+    headers, align, roots = tree(r)
+    bars = _bars(r)
+    parts = [box(_head_html(r)), w.HBox([box(bars)] if bars else []),
+             box(tree_html(roots, headers, align,
+                           label=lambda n: n.label if n.row.path else r.model_class)
+                 + _lines_html(r))]
+    out = w.VBox(parts)
+    out.add_class("tm-params")
+    return out

@@ -1,15 +1,16 @@
 """Rendering of :class:`torchmagic.core.summary.ModelSummary` (``%summary``).
 
-- text: a table (qualified module name, class, the selected columns) that fits 100 columns, the
-  totals below it, notes, the failure line, and torchinfo's own table when asked for;
-- HTML: the same table, self-contained, exact values on hover;
-- widget: totals header, collapsible module tree (expand/collapse per module, depth buttons) and
-  bars of parameters and FLOPs by top-level module.
+- text: a table (qualified module name, class, the selected columns) that fits
+  :func:`~torchmagic.display.format.text_width` (columns are narrowed or left out, module paths keep
+  their layer numbers), repeated blocks folded (``layers.0-79 ×80`` with the totals, then the first
+  block's rows), the totals below it, notes, the failure line, torchinfo's own table when asked for;
+- HTML: totals as cards, the module tree (native ``<details>``, folded blocks, failed rows open,
+  exact values on hover), bars of parameters and FLOPs by top-level module, notes, the failure.
 """
 
 from __future__ import annotations
 
-import textwrap
+import dataclasses
 from typing import Any
 
 from torchmagic.core.tracing import format_shapes
@@ -20,14 +21,20 @@ from torchmagic.display.format import (
     human_bytes,
     human_count,
     human_flops,
+    text_width,
+    wrap_text,
 )
-from torchmagic.display.table import Cell, Table, html_block
+from torchmagic.display.table import Cell, Table, bars_html, cards_html, page
+from torchmagic.display.tree import Node, TreeRow, fold, link, text_rows, tree_html
 
 HEADERS = {"input": "input", "output": "output", "params": "params", "trainable": "train",
            "percent": "%", "flops": "FLOPs", "macs": "MACs", "bytes": "bytes",
            "kernel": "kernel", "calls": "calls"}
 ALIGN = {"input": "l", "output": "l", "params": "r", "trainable": "l", "percent": "r",
          "flops": "r", "macs": "r", "bytes": "r", "kernel": "l", "calls": "r"}
+# Left out of the text first when it does not fit the terminal (module, type, output, params
+# and FLOPs stay).
+DROP_ORDER = ["kernel", "bytes", "percent", "calls", "trainable", "input", "macs"]
 
 
 def _flops(n: int | None) -> Cell:
@@ -64,7 +71,10 @@ def _cell(row: Any, col: str, ran: bool, compact: bool = False, long_tied: bool 
         if row.status == "failed":
             return Cell("FAILED", css="tm-bad")
         if row.output_shapes is None:
-            return Cell("…" if row.status == "running" else "-")
+            if row.status == "running":
+                return Cell("failed inside", css="tm-bad",
+                            title="did not finish: a module inside it failed")
+            return Cell("-")
         kind = getattr(row, "output_type", None)
         shapes = _shapes(row.output_shapes, compact) if row.output_shapes or not kind else ""
         if kind and compact and row.output_shapes:
@@ -144,9 +154,12 @@ def _inputs_desc(s: Any, compact: bool = False) -> str:
     return f"input {shapes} {'/'.join(dts)}".rstrip()
 
 
-def title(s: Any, width: int = 100) -> str:
-    """``GPT summary (input (2, 128) int64, mode same, on cpu, depth 3)``, within ``width``
-    characters (shapes compacted, then the input list cut with "…")."""
+def title(s: Any, width: int | None = None) -> str:
+    """``GPT summary (input (2, 128) int64, mode same, on cpu, depth 3)``: shapes compacted when
+    that makes it fit ``width``; a long input list is cut with "…" between shapes only (the text
+    wraps the title at spaces, never inside a shape)."""
+    width = width or text_width()
+
     def build(inputs: str) -> str:
         bits = [inputs]
         if s.ran_forward:
@@ -159,34 +172,93 @@ def title(s: Any, width: int = 100) -> str:
     out = build(_inputs_desc(s))
     if len(out) > width:
         out = build(_inputs_desc(s, compact=True))
-    if len(out) > width:
-        inputs = _inputs_desc(s, compact=True)
-        cut = max(10, len(inputs) - (len(out) - width) - 1)
-        out = build(inputs[:cut].rstrip(", ") + "…")
+    limit = 2 * width  # a title of more than two lines: leave shapes out, a whole one at a time
+    if len(out) > limit and len(s.input_shapes) > 1:
+        shapes = list(s.input_shapes)
+        while len(shapes) > 1 and len(out) > limit:
+            shapes.pop()
+            more = len(s.input_shapes) - len(shapes)
+            dts = "/".join(sorted(set(s.input_dtypes)))
+            out = build(f"input {_shapes(shapes, True)}, … (+{more}) {dts}".rstrip())
     return out
 
 
-def table(s: Any, compact: bool = False, long_tied: bool = False) -> Table:
-    """The module table; ``compact`` (plain text) writes shapes without spaces and folds the note
-    column into the cells (``tied to wte`` params with ``long_tied``, else ``tied``;
-    ``not called`` inputs, ``*`` analytic FLOPs) so that the table fits 100 columns; the notes
-    below the table say the rest."""
+def _row_css(r: Any) -> str | None:
+    """Failed rows and the rows around the failing call are marked (a red edge)."""
+    return ("tm-bad" if r.status in ("failed", "running") else
+            "tm-muted" if r.status in ("not called", "in parent") else None)
+
+
+def _sum(values: list[Any]) -> Any:
+    return None if any(v is None for v in values) else sum(values)
+
+
+def _run_total(rows: list[Any]) -> Any:
+    """A folded run's row: the first block with the counts of all of them summed."""
+    first = rows[0]
+    return dataclasses.replace(
+        first, params=sum(r.params for r in rows),
+        trainable_params=sum(r.trainable_params for r in rows),
+        percent=sum(r.percent for r in rows), calls=sum(r.calls for r in rows),
+        flops=_sum([r.flops for r in rows]), output_bytes=_sum([r.output_bytes for r in rows]))
+
+
+def tree(s: Any, compact: bool = False, long_tied: bool = False,
+         notes_col: bool = False) -> tuple[list[str], list[str], list[Node]]:
+    """``(headers, align, roots)``: the module tree with identical blocks folded."""
     cols = s.visible_columns()
-    notes_col = not compact and any(_note(r) for r in s.rows)
     headers = ["module", "type", *[HEADERS[c] for c in cols]] + (["note"] if notes_col else [])
     align = ["l", "l", *[ALIGN[c] for c in cols]] + (["l"] if notes_col else [])
-    rows, css = [], []
-    for r in s.rows:
-        name = Cell(r.path or "(root)", title=r.path or s.model_class)
-        cells: list[object] = [name, r.cls, *[_cell(r, c, s.ran_forward, compact, long_tied)
-                                              for c in cols]]
+
+    def cells(r: Any) -> list[Any]:
+        out: list[Any] = [r.cls, *[_cell(r, c, s.ran_forward, compact, long_tied) for c in cols]]
         if notes_col:
-            cells.append(_note(r))
-        rows.append(cells)
-        css.append("tm-bad" if r.status == "failed" else
-                   "tm-muted" if r.status in ("not called", "in parent") else None)
+            out.append(_note(r))
+        return out
+
+    # "running": the module was inside the failing call (the failure may lie deeper than shown)
+    rows = [TreeRow(path=r.path, depth=r.depth, cells=cells(r), css=_row_css(r),
+                    failed=r.status in ("failed", "running"), data=r,
+                    title=r.path or s.model_class) for r in s.rows]
+
+    def totals(members: list[TreeRow]) -> list[Cell]:
+        return [Cell(c) if isinstance(c, str) else c
+                for c in cells(_run_total([m.data for m in members]))]
+
+    return headers, align, fold(link(rows), totals)
+
+
+def _fold_note(roots: list[Node]) -> str | None:
+    def first(nodes: list[Node]) -> Node | None:
+        for n in nodes:
+            if n.members:
+                return n
+            hit = first(n.children)
+            if hit is not None:
+                return hit
+        return None
+
+    g = first(roots)
+    if g is None:
+        return None
+    n = len(g.members)
+    return (f"{g.run_label(full=True)}: {n} identical blocks folded into one row (their "
+            f"totals); the rows under it are the first block, {g.row.path}")
+
+
+def table(s: Any, compact: bool = False, long_tied: bool = False) -> Table:
+    """The module table (text): identical blocks folded; ``compact`` writes shapes without spaces
+    and folds the note column into the cells (``tied to wte`` params with ``long_tied``, else
+    ``tied``; ``not called`` inputs, ``*`` analytic FLOPs); the notes below say the rest."""
+    cols = s.visible_columns()
+    notes_col = not compact and any(_note(r) for r in s.rows)
+    headers, align, roots = tree(s, compact, long_tied, notes_col)
+    rows, _, css, _ = text_rows(roots, label=lambda n: n.row.path or "(root)", full=True)
+    drop = [2 + cols.index(c) for c in DROP_ORDER if c in cols]
+    fixed = [2 + cols.index(c) for c in ("input", "output") if c in cols]
+    notes = [x for x in [_fold_note(roots)] if x]
     return Table(headers=headers, rows=rows, align=align, title=title(s), row_css=css,
-                 clip_middle=[0])
+                 clip_middle=[0], drop=drop, fixed=fixed, keep_whole=[1], notes=notes)
 
 
 def totals(s: Any) -> list[tuple[str, Cell]]:
@@ -218,30 +290,34 @@ def totals(s: Any) -> list[tuple[str, Cell]]:
     return out
 
 
-def _wrap(line: str, width: int = 100) -> list[str]:
-    return textwrap.wrap(line, width=width, subsequent_indent="    ", break_on_hyphens=False) or [""]
+def _fits(t: Table, width: int) -> bool:
+    """True when the table's own lines fit ``width`` without cutting or leaving out anything."""
+    saved, t.title, t.notes = (t.title, t.notes), None, []
+    try:
+        return max(len(line) for line in t.text(width=10**6).splitlines()) <= width
+    finally:
+        t.title, t.notes = saved
 
 
-def _table_text(s: Any) -> str:
-    """The compact table within 100 columns: tied rows say ``tied to <module>`` when that fits
-    without cutting any cell, else ``tied`` (the note below the table names the owner)."""
+def _table_text(s: Any, width: int) -> str:
+    """The compact table within ``width`` columns: tied rows say ``tied to <module>`` when that
+    fits without cutting any cell, else ``tied`` (the note below the table names the owner)."""
     if any(r.tied for r in s.rows):
         t = table(s, compact=True, long_tied=True)
-        t.title = None
-        if max(len(line) for line in t.text(width=10**6).splitlines()) <= 100:
-            t.title = title(s)
-            return t.text(width=100)
-    return table(s, compact=True).text(width=100)
+        if _fits(t, width):
+            return t.text(width=width)
+    return table(s, compact=True).text(width=width)
 
 
 def text(s: Any) -> str:
-    lines = [_table_text(s)]
+    width = text_width()
+    lines = [_table_text(s, width)]
     for label, value in totals(s):
-        lines.extend(_wrap(f"{label}: {value.text}"))
+        lines.extend(wrap_text(f"{label}: {value.text}", width))
     for note in s.notes:
-        lines.extend(_wrap(f"Note: {note}"))
+        lines.extend(wrap_text(f"Note: {note}", width))
     if s.error:
-        lines.extend(_wrap(f"FORWARD FAILED: {s.error}"))
+        lines.extend(wrap_text(f"FORWARD FAILED: {s.error}", width))
     if s.torchinfo:
         lines.append("")
         lines.append("torchinfo's own table (same inputs and depth, run on a twin):")
@@ -249,18 +325,24 @@ def text(s: Any) -> str:
     return "\n".join(lines)
 
 
-def html(s: Any) -> str:
-    t = table(s)
-    t.footer = [(k, v) for k, v in totals(s)]
-    t.notes = [f"Note: {n}" for n in s.notes]
-    extra = ""
-    if s.error:
-        extra += f'<div class="tm-note tm-bad">FORWARD FAILED: {esc(s.error)}</div>'
-    if s.torchinfo:
-        extra += (f'<details style="margin-top:6px"><summary>torchinfo\'s own table (same inputs '
-                  f'and depth, run on a twin)</summary><pre class="tm-mono">{esc(s.torchinfo)}'
-                  f'</pre></details>')
-    return t.html(extra_html=extra)
+# -- html ----------------------------------------------------------------------------------------
+def _cards(s: Any) -> str:
+    items = [("parameters", human_count(s.total_params), exact(s.total_params))]
+    if s.frozen_params:
+        items += [("trainable", human_count(s.trainable_params), exact(s.trainable_params)),
+                  ("frozen", human_count(s.frozen_params), exact(s.frozen_params))]
+    items.append(("parameter bytes", human_bytes(s.param_bytes), f"{exact(s.param_bytes)} bytes"))
+    if s.ran_forward:
+        up_to = " (up to the failure)" if s.error else ""
+        items += [(f"forward FLOPs{up_to}", human_flops(s.total_flops), exact(s.total_flops)),
+                  ("MACs", human_flops(s.total_macs, unit="").strip(), exact(s.total_macs)),
+                  ("activations", human_bytes(s.activation_bytes),
+                   f"{exact(s.activation_bytes)} bytes")]
+    if s.buffer_bytes:
+        items.append(("buffers", human_bytes(s.buffer_bytes), f"{exact(s.buffer_bytes)} bytes"))
+    if s.output_shapes:
+        items.append(("output", format_shapes(s.output_shapes), None))
+    return cards_html(items)
 
 
 def _top_level(s: Any, attr: str) -> list[tuple[str, float, int]]:
@@ -270,56 +352,63 @@ def _top_level(s: Any, attr: str) -> list[tuple[str, float, int]]:
     if root is not None:
         rest = int(getattr(root, attr) or 0) - sum(v for _, _, v in items)
         if rest > 0:
-            items.append(("(root, outside submodules)", float(rest), rest))
+            # after a failure the modules the forward never reached have no row: their
+            # parameters are in the root's count, not "outside submodules"
+            label = ("(root's own ops, before the failure)" if attr == "flops" else
+                     "(modules after the failure, and the root's own)") if s.error else \
+                "(root, outside submodules)"
+            items.append((label, float(rest), rest))
     return [i for i in items if i[2] > 0]
 
 
-def widget(s: Any) -> Any:
-    import ipywidgets as w
+def _failed_at(s: Any) -> str | None:
+    """The deepest row on the failing call's path (the failure may lie deeper than shown)."""
+    hits = [r for r in s.rows if r.status in ("failed", "running") and r.path]
+    return max(hits, key=lambda r: r.depth).path if hits else None
 
-    from torchmagic.display.widgets import TreeNode, bars, html_widget, module_tree, totals_header
 
-    cards = [("parameters", human_count(s.total_params), f"{exact(s.total_params)}"),
-             ("trainable", human_count(s.trainable_params), f"{exact(s.trainable_params)}"),
-             ("frozen", human_count(s.frozen_params), f"{exact(s.frozen_params)}"),
-             ("param bytes", human_bytes(s.param_bytes), f"{exact(s.param_bytes)} bytes")]
+def _bars(s: Any) -> str:
+    failed_at = _failed_at(s)
+    out = [bars_html("parameters by top-level module",
+                     [(n, v, human_count(e), f"{exact(e)} parameters")
+                      for n, v, e in _top_level(s, "params")])]
     if s.ran_forward:
-        cards.append(("forward FLOPs", human_flops(s.total_flops), f"{exact(s.total_flops)}"))
-        cards.append(("MACs", human_flops(s.total_macs, unit="").strip(), f"{exact(s.total_macs)}"))
-        cards.append(("activations", human_bytes(s.activation_bytes),
-                      f"{exact(s.activation_bytes)} bytes (outputs of leaf-module calls)"))
-    cards.append(("buffers", human_bytes(s.buffer_bytes), f"{exact(s.buffer_bytes)} bytes"))
-    parts: list[Any] = [totals_header(cards, title=title(s))]
+        head = "forward FLOPs by top-level module"
+        note = None
+        if s.error:
+            head += " (up to the failure)"
+            note = (f"the forward stopped inside {failed_at or 'the model'}: modules after it "
+                    "did not run")
+        out.append(bars_html(head, [(n, v, human_flops(e), f"{exact(e)} FLOPs")
+                                    for n, v, e in _top_level(s, "flops")], note))
+    return f'<div class="tm-bars">{"".join(out)}</div>'
 
-    t = table(s)
-    nodes = [TreeNode(key=r.path or s.model_class, depth=r.depth,
-                      cells=[Cell(r.path.rsplit(".", 1)[-1] if r.path else s.model_class,
-                                  title=r.path or s.model_class), *row[1:]],
-                      css=t.row_css[i] if t.row_css else None)
-             for i, (r, row) in enumerate(zip(s.rows, t.rows))]
-    tree = module_tree(nodes, headers=t.headers, align=t.align, expand_depth=1)
 
-    side = [bars("parameters by top-level module",
-                 [(n, v, human_count(e), f"{exact(e)} parameters")
-                  for n, v, e in _top_level(s, "params")])]
+def html(s: Any) -> str:
+    notes_col = any(_note(r) for r in s.rows)
+    headers, align, roots = tree(s, compact=True, notes_col=notes_col)
+    body = [f'<div class="tm-title">{esc(title(s))}</div>',
+            _cards(s), tree_html(roots, headers, align,
+                                 label=lambda n: n.label if n.row.path else s.model_class)]
+    if any(r.depth == 1 for r in s.rows):
+        body.append(_bars(s))
+    dt = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(s.param_bytes_by_dtype.items()))
+    if len(s.param_bytes_by_dtype) > 1:
+        body.append(f'<div class="tm-note">parameter bytes by dtype: {esc(dt)}</div>')
+    fold_note = _fold_note(roots)
+    if fold_note:
+        body.append(f'<div class="tm-note tm-muted">{esc(fold_note)}; open a folded row for the '
+                    "first block and the list of the others</div>")
     if s.ran_forward:
-        side.append(bars("forward FLOPs by top-level module",
-                         [(n, v, human_flops(e), f"{exact(e)} FLOPs")
-                          for n, v, e in _top_level(s, "flops")]))
-    parts.append(w.HBox([tree, w.VBox(side)], layout=w.Layout(flex_flow="row wrap",
-                                                              align_items="flex-start")))
-    notes = [f"Note: {n}" for n in s.notes]
-    footer = "".join(f'<div class="tm-note">{esc(n)}</div>' for n in notes)
+        body.append('<div class="tm-note tm-muted">activations: bytes of the outputs of '
+                    "leaf-module calls; FLOPs count 2 per multiply-add</div>")
+    for n in s.notes:
+        body.append(f'<div class="tm-note">Note: {esc(n)}</div>')
     if s.error:
-        footer += f'<div class="tm-note tm-bad">FORWARD FAILED: {esc(s.error)}</div>'
-    if footer:
-        parts.append(html_widget(html_block(None, footer)))
+        body.append(f'<div class="tm-error"><span class="tm-bad">FORWARD FAILED</span> '
+                    f"{esc(s.error)}</div>")
     if s.torchinfo:
-        acc = w.Accordion([html_widget(html_block(None, f'<pre class="tm-mono">'
-                                                        f'{esc(s.torchinfo)}</pre>'))])
-        acc.set_title(0, "torchinfo's own table")
-        acc.selected_index = None
-        parts.append(acc)
-    box = w.VBox(parts)
-    box.add_class("tm-summary")
-    return box
+        body.append(f'<details style="margin-top:6px"><summary>torchinfo\'s own table (same '
+                    f'inputs and depth, run on a twin)</summary><pre class="tm-mono">'
+                    f"{esc(s.torchinfo)}</pre></details>")
+    return page("".join(body))

@@ -1,16 +1,18 @@
 """Rendering of ``%tensor`` (:class:`TensorInfo`, :class:`TensorReport`) and ``%tensors``
-(:class:`TensorTable`): plain text within 100 columns, self-contained HTML, and a widget (the HTML
-table plus a bar per tensor showing the share of finite, zero, NaN and Inf values)."""
+(:class:`TensorTable`): plain text within :func:`~torchmagic.display.format.text_width` columns
+(as many tensors side by side as fit), self-contained HTML (NaN and Inf counts highlighted, a bar
+per tensor with the share of finite, zero, NaN and Inf values), and a widget (the same HTML).
+Percentages never round to 0% or 100% unless exact: one NaN in 49,152 values leaves "99.998%"
+finite."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from torchmagic.display.device import wrap
-from torchmagic.display.format import esc, exact, human_bytes
+from torchmagic.display.format import esc, exact, human_bytes, percent_of, text_width
 from torchmagic.display.table import Cell, Table, html_block
 
-_PER_TEXT_TABLE = 3  # tensors side by side in one text table (keeps it within 100 columns)
+_PER_TEXT_TABLE = 3  # tensors side by side in one text table, at most
 
 
 def _num(v: float | int | None) -> str:
@@ -21,11 +23,12 @@ def _num(v: float | int | None) -> str:
     return f"{v:.6g}"
 
 
-def _count(n: int, numel: int) -> Cell:
+def _count(n: int, numel: int, bad: bool = False) -> Cell:
+    """``"49,151 (99.998%)"``; ``bad`` (NaN, Inf) highlights a non-zero count in HTML."""
     if not n:
         return Cell("0")
-    pct = 100.0 * n / numel if numel else 0.0
-    return Cell(f"{n:,} ({pct:.3g}%)", title=exact(n))
+    return Cell(f"{n:,} ({percent_of(n, numel)})", title=exact(n),
+                css="tm-bad" if bad else None)
 
 
 def _links(links: list[Any]) -> str:
@@ -90,17 +93,20 @@ def _report_table(items: list[Any], title: str | None) -> Table:
         if kinds & {"float", "complex"}:
             srow("finite", lambda s: _count(s.finite, s.numel) if s.kind in ("float", "complex")
                  else "all")
-            srow("NaN", lambda s: _count(s.nan, s.numel))
-            srow("Inf", lambda s: "0" if not s.inf else
-                 _count(s.inf, s.numel).text + (f", {s.neg_inf:,} of them -Inf" if s.neg_inf else ""))
+            srow("NaN", lambda s: _count(s.nan, s.numel, bad=True))
+            srow("Inf", lambda s: "0" if not s.inf else Cell(
+                _count(s.inf, s.numel).text + (f", {s.neg_inf:,} of them -Inf" if s.neg_inf
+                                               else ""), css="tm-bad"))
         srow("zeros", lambda s: _count(s.zeros, s.numel))
         if "bool" in kinds:
             srow("True", lambda s: "-" if s.true is None else _count(s.true, s.numel))
     if any(i.unknown for i in items):
         row("values", [f"unknown ({i.unknown})" if i.unknown else "known" for i in items])
     notes = [n for i in items for n in i.notes]
+    css = [("tm-bad" if any(isinstance(c, Cell) and c.css == "tm-bad" for c in r[1:]) else None)
+           for r in rows]
     return Table(headers=["", *[i.name for i in items]], rows=rows,
-                 align=["l", *["r"] * len(items)], title=title, notes=notes)
+                 align=["l", *["r"] * len(items)], title=title, notes=notes, row_css=css)
 
 
 def _title(items: list[Any]) -> str:
@@ -128,27 +134,39 @@ def _table_text(obj: Any) -> str:
     return Table(headers=["name", "shape", "dtype", "device", "bytes", "requires_grad", "flag",
                           "memory"],
                  rows=rows, align=["l", "l", "l", "l", "r", "l", "l", "l"],
-                 title="tensors in the namespace, largest first", footer=footer, notes=notes)
+                 title="tensors in the namespace, largest first", footer=footer, notes=notes,
+                 drop=[7, 5, 3], fixed=[1, 6])
 
 
 def _is_table(obj: Any) -> bool:
     return hasattr(obj, "by_device")
 
 
+def _fits(table: Table, width: int) -> bool:
+    notes, table.notes, title, table.title = table.notes, [], table.title, None
+    try:
+        return max(len(line) for line in table.text(10**6).splitlines()) <= width
+    finally:
+        table.notes, table.title = notes, title
+
+
 def text(obj: Any) -> str:
+    width = text_width()
     if _is_table(obj):
         if not obj.rows:
             return "no tensors bound to names in the namespace"
-        table = _table_text(obj)
-        table.notes = [line for n in table.notes for line in wrap(n)]
-        return table.text()
+        return _table_text(obj).text(width)
     items = _items(obj)
     parts = []
-    for k in range(0, len(items), _PER_TEXT_TABLE):
-        chunk = items[k:k + _PER_TEXT_TABLE]
-        table = _report_table(chunk, _title(chunk))
-        table.notes = [line for n in table.notes for line in wrap(n)]
-        parts.append(table.text())
+    k = 0
+    while k < len(items):  # as many tensors side by side as fit (at least one)
+        n = 1
+        while n < _PER_TEXT_TABLE and k + n < len(items) and \
+                _fits(_report_table(items[k:k + n + 1], None), width):
+            n += 1
+        chunk = items[k:k + n]
+        parts.append(_report_table(chunk, _title(chunk)).text(width))
+        k += n
     return "\n\n".join(parts)
 
 
@@ -158,22 +176,29 @@ def html(obj: Any) -> str:
             return html_block(None, "no tensors bound to names in the namespace")
         return _table_text(obj).html()
     items = _items(obj)
-    return _report_table(items, _title(items)).html()
+    return _report_table(items, _title(items)).html(_bars_html(items))
+
+
+def _bars_html(items: list[Any]) -> str:
+    bars = [f'<div class="tm-kv"><b>{esc(i.name)}</b> {_bar(i.stats)}</div>'
+            for i in items if i.stats is not None and i.stats.numel]
+    return f'<div class="tm-note">{"".join(bars)}</div>' if bars else ""
 
 
 def _bar(stats: Any) -> str:
     """A stacked bar: finite non-zero (blue), zeros (grey), NaN (red), Inf (orange)."""
     n = stats.numel or 1
     if stats.kind == "bool":
-        parts = [(stats.true or 0, "#3b82f6", "True"), (stats.zeros, "#9ca3af", "False")]
+        parts = [(stats.true or 0, "#1976d2", "True"), (stats.zeros, "#9e9e9e", "False")]
     else:
         finite_nz = max(stats.finite - stats.zeros, 0) if stats.kind != "int" else \
             stats.numel - stats.zeros
-        parts = [(finite_nz, "#3b82f6", "finite, non-zero"), (stats.zeros, "#9ca3af", "zero"),
-                 (stats.nan, "#dc2626", "NaN"), (stats.inf, "#d97706", "Inf")]
+        parts = [(finite_nz, "#1976d2", "finite, non-zero"), (stats.zeros, "#9e9e9e", "zero"),
+                 (stats.nan, "#d32f2f", "NaN"), (stats.inf, "#f57c00", "Inf")]
     segs = "".join(
-        f'<span class="tm-bar" title="{esc(label)}: {c:,}" style="width:{300 * c / n:.1f}px;'
-        f'background:{color};border-radius:0"></span>' for c, color, label in parts if c)
+        f'<span title="{esc(label)}: {c:,}" style="display:inline-block;height:8px;'
+        f'vertical-align:middle;width:{300 * c / n:.1f}px;background:{color}"></span>'
+        for c, color, label in parts if c)
     legend = " · ".join(f"{label} {c:,}" for c, _, label in parts if c)
     return f'{segs} <span class="tm-muted">{esc(legend)}</span>'
 
@@ -181,10 +206,11 @@ def _bar(stats: Any) -> str:
 def widget(obj: Any) -> Any:
     import ipywidgets as w
 
-    children = [w.HTML(html(obj))]
-    if not _is_table(obj):
-        bars = [f'<div class="tm-kv"><b>{esc(i.name)}</b> {_bar(i.stats)}</div>'
-                for i in _items(obj) if i.stats is not None and i.stats.numel]
-        if bars:
-            children.append(w.HTML(html_block("values", "".join(bars))))
+    if _is_table(obj):
+        return w.VBox([w.HTML(html(obj))])
+    items = _items(obj)
+    children = [w.HTML(_report_table(items, _title(items)).html())]
+    bars = _bars_html(items)
+    if bars:
+        children.append(w.HTML(html_block("values", bars)))
     return w.VBox(children)

@@ -112,25 +112,33 @@ class BenchMagics(TorchMagics):
         name = "%%benchmark" if cell is not None else "%benchmark"
         if args.compare is not None and not args.compare.strip():
             raise UsageError(f"{name}: --compare needs a label")
+        from torchmagic.display.live import live
+
         failed: ForwardError | None = None
-        with user_errors(name):
-            self.check_output_name(args.output)  # before anything runs or changes
-            try:
-                result = benchmark(self.transform(statement), self.shell.user_ns,
-                                   number=args.number, min_time=args.min_time,
-                                   num_threads=args.threads, label=args.compare)
-            except ForwardError as exc:  # the user's code raised: re-raised below, unchanged
-                failed = exc
+        # a run longer than a second shows a live progress panel, replaced by the result
+        with live(name + (f" {args.compare}" if args.compare else ""), delay=1.0) as panel:
+            with user_errors(name):
+                self.check_output_name(args.output)  # before anything runs or changes
+                try:
+                    result = benchmark(self.transform(statement), self.shell.user_ns,
+                                       number=args.number, min_time=args.min_time,
+                                       num_threads=args.threads, label=args.compare,
+                                       progress=panel.update)
+                except ForwardError as exc:  # the user's code raised: re-raised below, unchanged
+                    failed = exc
+                else:
+                    self.store(args.output, result)
+            if failed is None:
+                shown: Any = result
+                if args.compare:
+                    self._compare.pop(args.compare, None)
+                    self._compare[args.compare] = result
+                    shown = compare(list(self._compare.values()), current=args.compare)
+                panel.finish(shown)
             else:
-                self.store(args.output, result)
+                panel.stop(f"the code raised {type(failed.original).__name__}")
         if failed is not None:
             reraise_user_error(name, failed)
-        if args.compare:
-            self._compare.pop(args.compare, None)
-            self._compare[args.compare] = result
-            self.show(compare(list(self._compare.values()), current=args.compare))
-        else:
-            self.show(result)
 
     @magic_arguments()
     @argument("--sort", metavar="KEY",

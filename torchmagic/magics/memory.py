@@ -59,9 +59,15 @@ class GpumemWatch:
     def unwatch(self) -> bool:
         was = self.watching
         self.watching = False
-        self.live = None
+        self._end_live()
         self._sync()
         return was
+
+    def _end_live(self) -> None:
+        """The live panel keeps its last state, as HTML (never a widget left behind)."""
+        if self.live is not None:
+            self.live.finish()
+            self.live = None
 
     def arm_snapshot(self, path: str) -> None:
         self.snapshot_path = path
@@ -71,7 +77,7 @@ class GpumemWatch:
     def close(self) -> None:
         """Remove every callback (unload); stop a snapshot recording still running."""
         self.watching = False
-        self.live = None
+        self._end_live()
         if self.snapshot_depth is not None:
             self._finish_snapshot()
         self.snapshot_path = None
@@ -137,8 +143,11 @@ class GpumemWatch:
         print(line_of(cell))
         if self.live is not None:
             from torchmagic.core.memory import gpumem
+            from torchmagic.display.memory import watch_html, watch_text
 
-            self.live.update(gpumem(self.device), cell)
+            report = gpumem(self.device)
+            self.live.show({"text/plain": watch_text(report, cell),
+                            "text/html": watch_html(report, cell)})
 
     def _fail(self, exc: BaseException) -> None:
         print(f"%gpumem --watch stopped: {type(exc).__name__}: {one_line(str(exc))}",
@@ -222,9 +231,11 @@ class GpumemMagics(TorchMagics):
             if self.cfg.display != "text":
                 self._start_live()
             self.watcher.watch(device, args.keep_peaks)
+            from torchmagic.display.format import wrap_lines
+
             mode = "peaks not reset" if args.keep_peaks else "peaks reset per cell"
-            print(f"%gpumem --watch: on, one line after each cell ({mode}); "
-                  "off: %gpumem --unwatch")
+            print(wrap_lines(f"%gpumem --watch: on, one line after each cell ({mode}); "
+                             "off: %gpumem --unwatch"))
             return
         if args.unwatch:
             if args.device is not None:
@@ -249,16 +260,18 @@ class GpumemMagics(TorchMagics):
         return None
 
     def _start_live(self) -> None:
+        """In a notebook, a panel under this cell that shows the memory after every cell
+        (HTML updated in place: a saved notebook keeps the last state)."""
         from torchmagic.display import choose_mode
 
-        if choose_mode() != "widget":
+        if choose_mode() == "text":
             return
-        from IPython.display import display
+        from torchmagic.display.live import live
 
-        from torchmagic.display.memory import LiveWatch
-
-        self.watcher.live = LiveWatch()
-        display(self.watcher.live.box)
+        self.watcher._end_live()
+        self.watcher.live = live("%gpumem --watch")
+        self.watcher.live.show({"text/plain": "%gpumem --watch: waiting for the next cell",
+                                "text/html": "<b>%gpumem --watch</b>: waiting for the next cell"})
 
     # -- cell form ----------------------------------------------------------------------------
     def _cell(self, args: Any, cell: str) -> Any:
