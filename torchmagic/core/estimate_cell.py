@@ -38,7 +38,12 @@ import torch.nn as nn
 from torchmagic.core.errors import ForwardError, TorchMagicError
 from torchmagic.core.estimate import MemoryEstimate, fill_from_trace, judge
 from torchmagic.core.estimate_devices import DEFAULT_RESERVE, parse_bytes, resolve_capacity
-from torchmagic.core.estimate_trace import PHASES, collect_trace, tracker_class
+from torchmagic.core.estimate_trace import (
+    PHASES,
+    collect_trace,
+    quiet_fake_tensor_log,
+    tracker_class,
+)
 from torchmagic.core.estimate_whatif import sharding_alternative
 
 
@@ -119,8 +124,9 @@ class _Setup:
             self.cache[id(t)] = out
             self.keep.append(t)
             grad = t.grad if t.is_leaf else None
-            if grad is not None and out.grad is None:  # gradients present count too
-                out.grad = self.convert(grad)
+            if grad is not None and out.grad is None:
+                # gradients present count too; not cached, so zero_grad() frees them
+                out.grad = fake_tensor(grad, self.mode)
         return out
 
     def twin_optimizer(self, opt: torch.optim.Optimizer, name: str | None = None
@@ -264,8 +270,9 @@ def estimate_cell(source: str, namespace: dict[str, Any], *, device: Any = None,
     capacity = resolve_capacity(device, memory, reserve)
     setup = _Setup(namespace, _names_used(source, namespace), first_step)
     try:
-        report = meta_shape(source, namespace, depth=0, fake=True, _flag="%%estimate",
-                            _setup=setup)
+        with quiet_fake_tensor_log():
+            report = meta_shape(source, namespace, depth=0, fake=True, _flag="%%estimate",
+                                _setup=setup)
     except ForwardError as exc:
         original = exc.original
         if isinstance(original, DataDependentSize):

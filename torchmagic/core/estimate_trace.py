@@ -170,6 +170,15 @@ def tracker_class() -> type:
                     self._peak_mem_snap[dev] = dict(snap)
             self.sample()
 
+        def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+            # a root module called again (micro-steps of gradient accumulation in a cell):
+            # MemTracker refuses ("multiple iterative calls"); its per-module stats start over
+            if not self._mod_tracker.is_bw and module in self.memory_tracking:
+                name = self._mod_tracker.get_known_fqn(module)
+                if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                    del self.memory_tracking[module]
+            super()._pre_fw_hook(module, inputs)
+
         def _track_module_params_and_buffers(self, module: nn.Module,
                                              install_grad_hooks: bool = True) -> tuple[int, int]:
             # MemTracker hooks every parameter for its gradient, and register_hook raises on a
@@ -217,6 +226,22 @@ def tracker_class() -> type:
             return {str(dev): int(v) for dev, v in self._peak_mem.items()}
 
     return StepTracker
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_log() -> Any:
+    """FakeTensorMode logs every failing meta kernel with its traceback at ERROR level (to the
+    notebook's stderr) before the exception propagates; the estimate reports the failure in one
+    line, so that logger is silenced for the run (its level restored after)."""
+    import logging
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,7 +574,7 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
 
     cls = tracker_class()
     notes: list[str] = []
-    with preserved_global_state():
+    with preserved_global_state(), quiet_fake_tensor_log():
         mode = FakeTensorMode()
         fake = fake_model(model, mode, spec.device, spec.dtype)
         fake.train(spec.train)
@@ -655,5 +680,6 @@ def collect_trace(tracker: Any, loss_desc: str, notes: list[str],
 
 __all__ = ["KINDS", "KIND_LABELS", "LOSSES", "PHASES", "OptimizerSpec", "StepSpec", "Trace",
            "apply_checkpointing", "collect_trace", "compute_loss", "fake_inputs", "fake_like", "fake_model",
-           "optimizer_classes", "optimizer_spec", "repeated_blocks", "trace_step",
+           "optimizer_classes", "optimizer_spec", "quiet_fake_tensor_log", "repeated_blocks",
+           "trace_step",
            "tracker_class"]

@@ -166,14 +166,15 @@ def text(e: Any) -> str:
         phases = ", ".join(f"{p} {human_bytes(v)}" for p, v in e.phase_peaks.items())
         out.extend(wrap_line(f"  ({', '.join(letters)}); peak by phase: {phases}", width))
     if e.top_activations:
-        out.append(f"Activations at their peak ({human_bytes(e.activation_peak)}, in "
-                   f"{e.activation_peak_phase}): top modules")
+        out.extend(wrap_line(f"Activations at their peak ({human_bytes(e.activation_peak)}, "
+                             f"in {e.activation_peak_phase}): top modules", width))
         out.append(_top_table(e).text(width))
         if e.block_activations:
             out.append(_block_table(e).text(width))
     out.extend(_verdict_lines(e, width))
     if e.alternatives:
-        out.append("What would change it (each traced on fake tensors; * arithmetic):")
+        out.extend(wrap_line("What would change it (each traced on fake tensors; * arithmetic):",
+                             width))
         out.append(_alt_table(e).text(width))
     out.extend(_batch_lines(e, width))
     for n in e.notes:
