@@ -142,7 +142,8 @@ def test_fake_estimate_equals_memtracker_on_real_tensors(case: str, train: bool)
     torch.manual_seed(0)
     model = make()
     args, kwargs = inputs()
-    est = torchmagic.estimate_memory(model, *args, *([kwargs] if kwargs else []), train=train)
+    est = torchmagic.estimate_memory(model, *args, *([kwargs] if kwargs else []), train=train,
+                                     trace_device="cpu")
     ref = real_peak(model, args, kwargs, train, loss_fn)
     assert_within_1pct(est, ref)
     # parameters at the peak: exactly the model's parameter bytes (tied weights once)
@@ -159,24 +160,26 @@ def test_options_match_real_steps() -> None:
     gpt = GPT(GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=2, d_model=32))
     ids = torch.randint(0, 100, (4, 32))
     # bf16 weights: the reference is the model cast to bf16
-    est = torchmagic.estimate_memory(gpt, ids, train=True, dtype="bf16")
+    est = torchmagic.estimate_memory(gpt, ids, train=True, dtype="bf16", trace_device="cpu")
     assert_within_1pct(est, real_peak(copy.deepcopy(gpt).to(torch.bfloat16), (ids,), {}, True,
                                       ce_against_ids))
     # autocast
-    est = torchmagic.estimate_memory(gpt, ids, train=True, amp="bf16")
+    est = torchmagic.estimate_memory(gpt, ids, train=True, amp="bf16", trace_device="cpu")
     assert_within_1pct(est, real_peak(gpt, (ids,), {}, True, ce_against_ids,
                                       amp=torch.bfloat16))
     # another optimizer
-    est = torchmagic.estimate_memory(gpt, ids, train=True, optimizer="sgd-momentum")
+    est = torchmagic.estimate_memory(gpt, ids, train=True, optimizer="sgd-momentum",
+                                     trace_device="cpu")
     assert_within_1pct(est, real_peak(gpt, (ids,), {}, True, ce_against_ids, optimizer=lambda ps:
                                       torch.optim.SGD(ps, momentum=0.9, foreach=True)))
     # a batch of 8 instead of 4
-    est = torchmagic.estimate_memory(gpt, ids, train=True, batch=8)
+    est = torchmagic.estimate_memory(gpt, ids, train=True, batch=8, trace_device="cpu")
     ids8 = torch.randint(0, 100, (8, 32))
     assert_within_1pct(est, real_peak(gpt, (ids8,), {}, True, ce_against_ids))
     assert est.batch == 8
     # activation checkpointing of each block: the reference wraps the blocks itself
-    est = torchmagic.estimate_memory(gpt, ids, train=True, checkpointing=True)
+    est = torchmagic.estimate_memory(gpt, ids, train=True, checkpointing=True,
+                                     trace_device="cpu")
 
     def wrap(model: nn.Module) -> None:
         for block in model.blocks:
@@ -184,7 +187,7 @@ def test_options_match_real_steps() -> None:
                 block.forward)
 
     assert_within_1pct(est, real_peak(gpt, (ids,), {}, True, ce_against_ids, prepare=wrap))
-    plain = torchmagic.estimate_memory(gpt, ids, train=True)
+    plain = torchmagic.estimate_memory(gpt, ids, train=True, trace_device="cpu")
     assert est.by_kind["activations"] < plain.by_kind["activations"]
 
 
@@ -194,7 +197,7 @@ def test_shape_inputs_and_loss_choices() -> None:
     b = torchmagic.estimate_memory(gpt, torch.zeros(4, 64, dtype=torch.long), train=True)
     assert a.peak_bytes == b.peak_bytes and "cross-entropy" in a.settings["loss"]
     mean = torchmagic.estimate_memory(gpt, input_size=(4, 64), dtypes="long", train=True,
-                                      loss="mean")
+                                      loss="mean", trace_device="cpu")
     assert "mean" in mean.settings["loss"]
     ref = real_peak(gpt, (torch.zeros(4, 64, dtype=torch.long),), {}, True, mean_loss)
     assert_within_1pct(mean, ref)
@@ -206,7 +209,8 @@ def test_shape_inputs_and_loss_choices() -> None:
 def test_hf_model_own_loss_with_labels() -> None:
     model = hf_llama()
     ids = torch.randint(0, 500, (2, 32))
-    est = torchmagic.estimate_memory(model, {"input_ids": ids, "labels": ids}, train=True)
+    est = torchmagic.estimate_memory(model, {"input_ids": ids, "labels": ids}, train=True,
+                                     trace_device="cpu")
     assert est.settings["loss"].startswith("the model's own loss")
     ref = real_peak(model, (), {"input_ids": ids, "labels": ids}, True,
                     lambda out, _: out.loss)
@@ -342,7 +346,7 @@ def test_max_batch_by_bisection_matches_real_peaks() -> None:
     ten = real_peak(model, (torch.randn(10, 32),), {}, True, mean_loss)["total"]
     usable = one + (ten - one) * 3   # about batch 28
     est = torchmagic.estimate_memory(model, x, train=True, memory=usable, reserve=0,
-                                     max_batch=True, what_if=False)
+                                     max_batch=True, what_if=False, trace_device="cpu")
     b = est.max_batch
     assert b and b > 4
     at_b = real_peak(model, (torch.randn(b, 32),), {}, True, mean_loss)["total"]
@@ -351,7 +355,7 @@ def test_max_batch_by_bisection_matches_real_peaks() -> None:
     assert len(est.batch_trials) <= 8
     # nothing fits: 0
     est = torchmagic.estimate_memory(model, x, train=True, memory=one - 1, reserve=0,
-                                     max_batch=True, what_if=False)
+                                     max_batch=True, what_if=False, trace_device="cpu")
     assert est.max_batch == 0
 
 
@@ -490,6 +494,9 @@ class ReadsValues(nn.Module):
     ({"args": (torch.randn(2, 32),), "loss": "hinge"}, "loss must be one of"),
     ({"args": (torch.randn(2, 32),), "batch": 0}, "batch must be a whole number"),
     ({"args": (torch.randn(2, 32),), "top": -1}, "top must be"),
+    ({"args": (torch.randn(2, 32),), "trace_device": "mps"}, "trace_device must be cpu or cuda"),
+    *([] if torch.cuda.is_available() else [
+        ({"args": (torch.randn(2, 32),), "trace_device": "cuda"}, "needs CUDA here")]),
 ])
 def test_bad_input_one_line(kwargs: dict, expected: str) -> None:
     model = nn.Sequential(nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -247,10 +247,23 @@ def _weights_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _sim_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _sim_device(trace_device: Any) -> torch.device:
+    if trace_device is None:
+        trace_device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(trace_device)
+    except (RuntimeError, TypeError):
+        raise TorchMagicError(f"trace_device must be cpu or cuda; got {trace_device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            # autograd on fake CUDA tensors needs torch's CUDA support (it aborts without it)
+            raise TorchMagicError("trace_device cuda needs CUDA here: without it the step is "
+                                  "traced as on the CPU (trace_device=None)")
+        return torch.device("cuda", torch.cuda.current_device() if dev.index is None else
+                            dev.index)
+    if dev.type != "cpu":
+        raise TorchMagicError(f"trace_device must be cpu or cuda; got {trace_device!r}")
+    return dev
 
 
 def estimate_memory(
@@ -274,6 +287,7 @@ def estimate_memory(
     top: int = 8,
     name: str = "model",
     progress: Progress | None = None,
+    trace_device: Any = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one training step (``train=True``) or one inference of
     ``model`` on fake tensors, and check it against a device. Nothing real is allocated or run.
@@ -302,6 +316,9 @@ def estimate_memory(
     workspaces (default 1 GiB). ``max_batch``: also find the largest batch that fits (needs a
     capacity). ``what_if``: trace the alternatives (None: only when it does not fit). ``top``:
     modules listed by activation bytes. ``progress``: called with a dict at each stage.
+    ``trace_device``: the device whose kernels the fake step imitates (which tensors attention
+    and the optimizer keep, CUDA's 512-byte allocation rounding): ``"cuda"`` (the default when
+    CUDA is available) or ``"cpu"``.
 
     Returns a :class:`MemoryEstimate`. Raises :class:`TorchMagicError` for bad input and
     :class:`~torchmagic.core.errors.ForwardError` (naming the module and its input shapes) when
@@ -346,7 +363,7 @@ def estimate_memory(
         raise TorchMagicError("the batch search needs inputs with a batch dimension (dim 0); "
                               "these inputs are scalars")
 
-    sim = _sim_device()
+    sim = _sim_device(trace_device)
     spec = StepSpec(train=bool(train), optimizer=opt_spec, foreach=True, dtype=w_dtype,
                     amp=a_dtype, checkpointing=bool(checkpointing), loss=loss, device=sim)
 

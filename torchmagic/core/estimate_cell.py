@@ -53,12 +53,7 @@ class DataDependentSize(RuntimeError):
 
 def _names_used(source: str, namespace: dict[str, Any]) -> set[str]:
     """Names in the code, plus the global names of notebook functions it calls (recursively)."""
-    def code_names(code: types.CodeType) -> set[str]:
-        out = set(code.co_names)
-        for const in code.co_consts:
-            if isinstance(const, types.CodeType):
-                out |= code_names(const)
-        return out
+    from torchmagic.core.meta import _code_names as code_names
 
     todo = set(re.findall(r"[A-Za-z_]\w*", source))
     seen: set[str] = set()

@@ -77,6 +77,7 @@ def tracker_class() -> type:
 
     refs = [_MemRefType(v) for v in _REF_NAMES]
     act, opt_ref, temp_ref = _MemRefType.ACT, _MemRefType.OPT, _MemRefType.TEMP
+    prim_device = torch.ops.prim.device.default
 
     class StepTracker(MemTracker):
         """``MemTracker`` that also records the timeline, the peak's place and activations by
@@ -116,6 +117,8 @@ def tracker_class() -> type:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             # MemTracker's own, without what torchmagic never meets (DTensor propagation, fake
             # collectives under a second fake mode), which costs a third of the tracing time
+            if func is prim_device:   # a device query (autograd asks it per node): no memory
+                return func(*args, **(kwargs or {}))
             if any(getattr(t, "__name__", "") == "DTensor" for t in types):
                 return NotImplemented
             self._func = func
