@@ -152,6 +152,9 @@ class ModelSummary(Result):
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     torchinfo: str | None = None
+    # summary(..., memory=True): peaks from torchmagic.estimate_memory (bytes; None if not asked)
+    inference_peak_bytes: int | None = None
+    training_peak_bytes: int | None = None
 
     @property
     def total_macs(self) -> int | None:
@@ -290,6 +293,7 @@ def summary(
     columns: Sequence[str] | str | None = None,
     torchinfo: bool = False,
     raise_on_error: bool = True,
+    memory: bool = False,
 ) -> ModelSummary:
     """Summarize ``model``: one :class:`SummaryRow` per module down to ``depth`` and the totals.
 
@@ -299,7 +303,9 @@ def summary(
     ``mode``: ``"same"`` (each module keeps its flag), ``"eval"`` or ``"train"``. ``device``: run on
     a copy on that device. ``meta``: run on a meta twin (shapes and FLOPs without weights or memory).
     ``columns``: subset of :data:`COLUMNS` to show. ``torchinfo``: also keep torchinfo's own table
-    (run on a twin of the model) in ``.torchinfo``.
+    (run on a twin of the model) in ``.torchinfo``. ``memory``: also estimate the peak memory of an
+    inference and of a training step (AdamW) with :func:`torchmagic.estimate_memory` (fake
+    tensors; ``inference_peak_bytes``, ``training_peak_bytes`` and one note line).
 
     A failing forward raises :class:`ForwardError` naming the failing module, its class, its input
     shapes and torch's message; ``err.partial`` is the summary up to the failure
@@ -367,6 +373,9 @@ def summary(
             result.notes.append(f"{row.name}: {'; '.join(row.tied)} (counted once)")
 
     if not inputs and input_size is None:
+        if memory:
+            raise TorchMagicError("memory=True (--memory) estimates the peak of a step and needs "
+                                  "the model's inputs")
         if torchinfo:
             result.torchinfo = _torchinfo_table(model, None, {}, depth, mode, None, False, cols)
         return result
@@ -430,7 +439,35 @@ def summary(
     if torchinfo:
         result.torchinfo = _torchinfo_table(model, args, kwargs, depth, mode,
                                             target, meta, cols)
+    if memory:
+        _estimate_peaks(result, model, inputs, input_size, dtypes)
     return result
+
+
+def _estimate_peaks(result: ModelSummary, model: nn.Module, inputs: tuple[Any, ...],
+                    input_size: Any, dtypes: Any) -> None:
+    """``memory=True``: the inference and training-step peaks from ``estimate_memory`` (issue 13)."""
+    from torchmagic.core.estimate import estimate_memory
+
+    def human_bytes(n: int) -> str:
+        return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    parts = []
+    for train in (False, True):
+        try:
+            est = estimate_memory(model, *inputs, input_size=input_size, dtypes=dtypes,
+                                  train=train, what_if=False)
+        except (TorchMagicError, ForwardError) as exc:
+            parts.append(f"{'training step' if train else 'inference'}: not estimated ({exc})")
+            continue
+        if train:
+            result.training_peak_bytes = est.peak_bytes
+            parts.append(f"training step (AdamW) {human_bytes(est.peak_bytes)}")
+        else:
+            result.inference_peak_bytes = est.peak_bytes
+            parts.append(f"inference {human_bytes(est.peak_bytes)}")
+    result.notes.append("peak memory (estimated on fake tensors; %estimate for the breakdown): "
+                        + "; ".join(parts))
 
 
 def _fill_rows(result: ModelSummary, rows: dict[str, SummaryRow], run: _Run,
