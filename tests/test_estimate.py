@@ -363,13 +363,13 @@ def test_fold_activations() -> None:
     acts = {"m.layers.0.mlp": 10, "m.layers.0.attn": 5, "m.layers.1.mlp": 10,
             "m.layers.1.attn": 5, "m.layers.2.mlp": 10, "m.layers.2.attn": 6, "m.head": 40,
             "(outside modules)": 3}
-    rows, detail, block = fold_activations(acts, "m.layers", 10)
+    rows, detail, block, block_bytes = fold_activations(acts, "m.layers", 10)
     assert [(r.module, r.bytes, r.count) for r in rows] == [
         ("m.head", 40, 1), ("m.layers.0-1", 15, 2), ("m.layers.2", 16, 1),
         ("(outside modules)", 3, 1)]
-    assert block == "m.layers.2" and [(r.module, r.bytes) for r in detail] == [("mlp", 10),
+    assert block == "m.layers.2" and block_bytes == 16 and [(r.module, r.bytes) for r in detail] == [("mlp", 10),
                                                                                ("attn", 6)]
-    rows, detail, _ = fold_activations(acts, None, 2)
+    rows, detail, _, _ = fold_activations(acts, None, 2)
     assert [r.module for r in rows] == ["m.head", "m.layers.0.mlp"] and detail == []
 
 
@@ -528,3 +528,29 @@ def test_result_to_dict_and_public_api() -> None:
     assert d["verdict"]["fits"] is True
     assert torchmagic.MemoryEstimate is type(est)
     assert "estimate_memory" in dir(torchmagic)
+
+
+# ---------------------------------------------------------------------------------------------
+# %summary --memory (issue 13's touch of core/summary.py)
+# ---------------------------------------------------------------------------------------------
+def test_summary_memory_option() -> None:
+    gpt = GPT(GPTConfig(vocab_size=100, block_size=32, n_layer=1, n_head=2, d_model=32))
+    s = torchmagic.summary(gpt, input_size=(2, 16), dtypes="long", memory=True)
+    inf = torchmagic.estimate_memory(gpt, input_size=(2, 16), dtypes="long")
+    tr = torchmagic.estimate_memory(gpt, input_size=(2, 16), dtypes="long", train=True)
+    assert s.inference_peak_bytes == inf.peak_bytes and s.training_peak_bytes == tr.peak_bytes
+    assert any(n.startswith("peak memory (estimated on fake tensors") for n in s.notes)
+    plain = torchmagic.summary(gpt, input_size=(2, 16), dtypes="long")
+    assert plain.inference_peak_bytes is None and not any("peak memory" in n for n in plain.notes)
+    with pytest.raises(TorchMagicError, match="needs the model's inputs"):
+        torchmagic.summary(gpt, memory=True)
+
+
+def test_summary_memory_magic(ip) -> None:
+    from conftest import run
+
+    ip.user_ns["gpt"] = GPT(GPTConfig(vocab_size=100, block_size=32, n_layer=1, n_head=2,
+                                      d_model=32))
+    _, shown = run(ip, "summary gpt (2,16) --dtypes long --depth 1 --memory -o s")
+    assert "peak memory (estimated on fake tensors" in shown
+    assert ip.user_ns["s"].training_peak_bytes > ip.user_ns["s"].inference_peak_bytes

@@ -60,11 +60,19 @@ def test_options_reach_the_core(ip, ns) -> None:
     assert e.by_kind["optimizer_state"] == 0
 
 
-def test_max_batch_progress_line(ip, ns) -> None:
+def test_max_batch_progress_line(ip, ns, monkeypatch) -> None:
+    import torchmagic.magics.estimate as magic
+
+    monkeypatch.setattr(magic, "_tty", lambda: True)
     _, shown = run(ip, "estimate gpt ids --train --memory 20MiB --reserve 0 --max-batch "
                        "--no-what-if -o m")
     assert "searching the largest batch that fits" in shown
     assert f"Largest batch that fits: {ns['m'].max_batch}" in shown
+    # captured (not a terminal): no progress line
+    monkeypatch.undo()
+    _, shown = run(ip, "estimate gpt ids --train --memory 20MiB --reserve 0 --max-batch "
+                       "--no-what-if")
+    assert "searching" not in shown and "Largest batch that fits" in shown
 
 
 def test_cell_magic(ip, ns) -> None:

@@ -74,13 +74,13 @@ class ActivationRow:
 
 
 def fold_activations(by_module: dict[str, int], blocks: str | None, top: int
-                     ) -> tuple[list[ActivationRow], list[ActivationRow], str]:
+                     ) -> tuple[list[ActivationRow], list[ActivationRow], str, int]:
     """Rank activation bytes by module for the report.
 
     ``by_module``: innermost module at creation -> bytes. ``blocks``: the full name of the
     repeated-block container (``"llama.layers"``): its blocks are summed whole and consecutive
     blocks holding the same bytes folded (``llama.layers.0-79``, ×80). Returns (the top rows,
-    the top submodules of the largest block, that block's name)."""
+    the top submodules of the largest block, that block's name, its activation bytes)."""
     merged: dict[str, int] = {}
     inside: dict[str, dict[str, int]] = {}
     prefix = f"{blocks}." if blocks else None
@@ -115,7 +115,7 @@ def fold_activations(by_module: dict[str, int], blocks: str | None, top: int
         block = max(inside, key=lambda k: (sum(inside[k].values()), -int(k[len(prefix or ""):])))
         detail = sorted((ActivationRow(k, v) for k, v in inside[block].items()),
                         key=lambda r: (-r.total, r.module))[:top]
-    return rows[:top], detail, block
+    return rows[:top], detail, block, (sum(inside[block].values()) if block else 0)
 
 
 @dataclass
@@ -127,7 +127,8 @@ class MemoryEstimate(Result):
     ``MemTracker`` on fake tensors. ``peak_phase``/``peak_module``/``peak_op``: where the peak
     happened. ``top_activations``: the modules holding the most activation bytes at the moment
     activations peak (``activation_peak``, in ``activation_peak_phase``): where checkpointing pays.
-    ``block_activations``: the submodules of the largest repeated ``block`` by activation bytes.
+    ``block_activations``: the submodules of the largest repeated ``block`` by activation bytes
+    (``block_bytes`` in all).
     ``timeline``: live bytes through the step (at most 240 points, each the largest of the ops it
     stands for) with the phase and the bytes by kind of each point. ``verdict``: against the device
     (None without one); ``fits_on``: against every accelerator of the table when no device was
@@ -151,6 +152,7 @@ class MemoryEstimate(Result):
     top_activations: list[ActivationRow] = field(default_factory=list)
     block_activations: list[ActivationRow] = field(default_factory=list)
     block: str = ""
+    block_bytes: int = 0
     activation_peak: int = 0
     activation_peak_phase: str = ""
     timeline: list[int] = field(default_factory=list)
@@ -203,8 +205,8 @@ def fill_from_trace(result: MemoryEstimate, trace: Trace, top: int,
     result.peak_module, result.peak_op = trace.peak_module, trace.peak_op
     result.phase_peaks = {("start" if k == "setup" else k): v
                           for k, v in trace.phase_peaks.items()}
-    result.top_activations, result.block_activations, result.block = fold_activations(
-        trace.act_by_module, blocks, max(0, top))
+    result.top_activations, result.block_activations, result.block, result.block_bytes = \
+        fold_activations(trace.act_by_module, blocks, max(0, top))
     result.activation_peak = trace.act_peak
     result.activation_peak_phase = trace.act_peak_phase
     result.timeline, result.timeline_phase, result.timeline_kinds = downsample(trace.samples)

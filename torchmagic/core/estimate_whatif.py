@@ -136,16 +136,25 @@ def search_max_batch(peak_at: Callable[[int], int], usable: int, start: int, sta
                     lo = guess + 1
         else:
             hi = guess
-    # narrow the bracket
-    bisect = False
+    # narrow the bracket: interpolate; after a good guess check its neighbour; every third
+    # guess a midpoint, so a poor interpolation cannot stall the search
+    step = 0
+    neighbour: int | None = None
     while hi - lo > 1 and len(trials) < max_trials:
-        guess = (lo + hi) // 2 if bisect else predict(lo, hi)[0]
+        if neighbour is not None:
+            guess, neighbour = neighbour, None
+        elif step % 3 == 2:
+            guess = (lo + hi) // 2
+        else:
+            guess = predict(lo, hi)[0]
         guess = min(max(guess, lo + 1), hi - 1)
-        bisect = not bisect
+        step += 1
         if measure(guess) <= usable:
             lo = guess
+            neighbour = guess + 1
         else:
             hi = guess
+            neighbour = guess - 1
     return lo, trials
 
 

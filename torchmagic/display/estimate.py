@@ -131,7 +131,7 @@ def _top_table(e: Any) -> Table:
 
 
 def _block_table(e: Any) -> Table:
-    rows = [[r.module, _b(r.bytes), percent(r.bytes, sum(x.bytes for x in e.block_activations))]
+    rows = [[r.module, _b(r.bytes), percent(r.bytes, e.block_bytes)]
             for r in e.block_activations]
     return Table([f"inside {e.block}", "activations", "%"], rows, align=["l", "r", "r"],
                  clip_middle=[0])

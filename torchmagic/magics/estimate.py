@@ -24,9 +24,16 @@ _LINE_ONLY = (("--train", "train"), ("--optimizer", "optimizer"), ("--dtype", "d
               ("--max-batch", "max_batch"), ("--dtypes", "dtypes"), ("--loss", "loss"))
 
 
+def _tty() -> bool:
+    import sys
+
+    return sys.stdout is not None and sys.stdout.isatty()
+
+
 class _ProgressLine:
     """One line saying which trace runs: updated in place in a notebook (a display handle),
-    rewritten with a carriage return in a terminal; nothing for a single trace."""
+    rewritten with a carriage return in a terminal; nothing for a single trace, nothing when the
+    output goes to a file or a pipe."""
 
     def __init__(self, magic: str) -> None:
         self.magic = magic
@@ -61,6 +68,8 @@ class _ProgressLine:
                    f" s: {msg}")
 
     def _show(self, text: str) -> None:
+        if not self._kernel() and not _tty():
+            return   # output captured to a file or a pipe: no line to rewrite
         if self._kernel():
             from IPython.display import display
 
