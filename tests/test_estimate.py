@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from estimate_helpers import free_reference_cycles
 from statecheck import Snapshot
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils.checkpoint import checkpoint
@@ -30,6 +31,13 @@ from torchmagic.models import GPT, GPTConfig, Llama, SmallCNN
 REFS = {"parameters": "Parameter", "buffers": "Buffer", "gradients": "Gradient",
         "optimizer_state": "Optstate", "activations": "Activation", "temporaries": "Temp",
         "inputs": "Other"}
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """Leave no tensor of this file alive for later tests (``%gpumem --top`` counts them)."""
+    yield
+    free_reference_cycles()
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from estimate_helpers import free_reference_cycles
 from statecheck import Snapshot, assert_released
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
@@ -33,6 +34,13 @@ loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
 loss.backward()
 opt.step()
 """
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """Leave no tensor of this file alive for later tests (``%gpumem --top`` counts them)."""
+    yield
+    free_reference_cycles()
+
 
 
 def setup(trained: bool = True) -> dict:

@@ -5,11 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import outputs, run
+from estimate_helpers import free_reference_cycles
 from IPython.core.error import UsageError
 from statecheck import Snapshot
 
 import torchmagic
 from torchmagic.models import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """Leave no tensor of this file alive for later tests (``%gpumem --top`` counts them)."""
+    yield
+    free_reference_cycles()
+
 
 
 def small_gpt() -> GPT:

@@ -100,6 +100,7 @@ class _Setup:
         self.tracker: Any = None
         self.roots: dict[str, nn.Module] = {}
         self.mode: Any = None
+        self.extra: dict[str, Any] = {}      # what the runner binds: optimizer/scheduler twins
 
     # the converter: each real tensor once, scalars as constants
     def convert(self, t: torch.Tensor) -> torch.Tensor:
@@ -159,6 +160,16 @@ class _Setup:
             for p, g in zip(params, saved):
                 p.grad = g
 
+    def release(self) -> None:
+        """Drop every reference to the user's objects (the runner that holds this object's
+        methods sits in a reference cycle: without this, the user's tensors would wait for the
+        garbage collector)."""
+        self.namespace = {}
+        self.extra.clear()
+        self.cache.clear()
+        self.keep.clear()
+        self.optimizers.clear()
+
     def __call__(self, runner: Any) -> None:
         self.mode = runner.fake_mode
         runner.convert = self.convert
@@ -180,7 +191,7 @@ class _Setup:
                     raise TorchMagicError(f"cannot copy the LR scheduler {name!r} onto the "
                                           f"optimizer twin ({type(exc).__name__}: {exc})") \
                         from None
-        runner.extra = extra
+        self.extra = runner.extra = extra
         runner.around = self.around
 
     @contextlib.contextmanager
@@ -275,6 +286,8 @@ def estimate_cell(source: str, namespace: dict[str, Any], *, device: Any = None,
             where = f"line {line}: " if line is not None else ""
             raise ForwardError(f"{where}{original}", original=original) from None
         raise
+    finally:
+        setup.release()
     tracker = setup.tracker
     if tracker is None:  # pragma: no cover - meta_shape always enters ``around``
         raise TorchMagicError("the cell did not run")

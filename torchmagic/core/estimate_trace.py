@@ -73,7 +73,40 @@ def tracker_class() -> type:
             f"torch >= 2.5); this torch {torch.__version__} cannot import it "
             f"({type(exc).__name__}: {exc})") from None
 
-    from torch.utils._pytree import tree_map_only
+    from torch.distributed._tools.mod_tracker import ModTracker
+    from torch.utils._pytree import tree_flatten, tree_map_only
+
+    class LeakFreeModTracker(ModTracker):
+        """``ModTracker`` whose backward hooks do not outlive the step. Its pre-forward hook
+        registers ``register_multi_grad_hook(inputs, ...)``, whose closure holds the inputs'
+        ``grad_fn`` nodes while the nodes hold the closure: a cycle through C++ that Python's
+        garbage collector cannot see, which kept every module input's graph (and parameters)
+        alive for good. The ``grad_fns`` lists of those closures are emptied when the tracker
+        exits (:meth:`release`)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._grad_fn_lists: list[list[Any]] = []
+
+        def _fw_pre_hook(self, mod: nn.Module, input: Any) -> None:
+            super()._fw_pre_hook(mod, input)
+            if self.is_bw:
+                return
+            for t in tree_flatten(input)[0]:
+                hooks = getattr(t, "_backward_hooks", None) if isinstance(t, torch.Tensor) \
+                    else None
+                if not hooks:
+                    continue
+                fn = next(reversed(hooks.values()))
+                code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+                for var, cell in zip(code.co_freevars if code else (), cells or ()):
+                    if var == "grad_fns" and isinstance(cell.cell_contents, list):
+                        self._grad_fn_lists.append(cell.cell_contents)
+
+        def release(self) -> None:
+            for grad_fns in self._grad_fn_lists:
+                grad_fns.clear()
+            self._grad_fn_lists.clear()
 
     refs = [_MemRefType(v) for v in _REF_NAMES]
     act, opt_ref, temp_ref = _MemRefType.ACT, _MemRefType.OPT, _MemRefType.TEMP
@@ -95,6 +128,7 @@ def tracker_class() -> type:
             self._act_live: dict[str | None, int] = {}
             self._act_total = 0
             self._func: Any = None
+            self._mod_tracker = LeakFreeModTracker()
             for mod, name in (names or {}).items():
                 self._mod_tracker._known_modules[mod] = name
 
@@ -191,6 +225,11 @@ def tracker_class() -> type:
                     if not p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
                         self._param_to_grad_hook_handles[p] = (_NO_HANDLE, _NO_HANDLE)
             return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def __exit__(self, *args: Any) -> None:
+            super().__exit__(*args)
+            if self._depth == 0:
+                self._mod_tracker.release()
 
         def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
             return None   # per-module backward snapshots only: not reported
