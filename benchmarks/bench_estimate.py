@@ -55,7 +55,8 @@ def _case_70b() -> dict:
     assert all(p.is_meta for p in model.parameters())
     return {"case": "70b", "seconds": seconds, "cpu_seconds": cpu,
             "peak_mb": _rss_kib("VmHWM") / 1024,
-            "peak_gib": est.peak_bytes / 2**30, "phase": est.peak_phase, "ops": est.ops,
+            "peak_gib": est.peak_bytes / 2**30, "phase": est.peak_phase, "op": est.peak_op,
+            "ops": est.ops, "act_gib": est.activation_peak / 2**30,
             "by_kind_gib": {k: v / 2**30 for k, v in est.by_kind.items()},
             "traced_on": est.settings["traced on"]}
 
@@ -231,7 +232,8 @@ def main() -> None:
           f"peak RSS {big['peak_mb']:.0f} MB ({big['peak_mb'] / GOAL_MB:.2f}x the 1 GB goal); "
           f"{big['ops']:,} ops traced on {big['traced_on']}")
     kinds = ", ".join(f"{k} {v:.1f}" for k, v in big["by_kind_gib"].items() if v >= 0.05)
-    print(f"  peak {big['peak_gib']:.1f} GiB in {big['phase']} ({kinds} GiB)")
+    print(f"  peak {big['peak_gib']:.1f} GiB in {big['phase']} at {big['op']} ({kinds} GiB); "
+          f"activations at their peak {big['act_gib']:.1f} GiB")
     small = _run("small")
     print("\nSmall GPT (6 layers, d=512, vocab 8000) training step, batch 8 x 256, AdamW, on CPU "
           f"({small['threads']} threads)")
