@@ -29,13 +29,8 @@ import time
 GOAL_SECONDS = 10.0
 GOAL_MB = 1024.0
 
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+# the script's folder is on sys.path when it runs: VmRSS/VmHWM reading shared with bench_meta
+from bench_meta import _rss_kib  # noqa: E402
 
 
 def _case_70b() -> dict:
@@ -95,45 +90,26 @@ def _case_small() -> dict:
 
 
 def _case_errors() -> dict:
-    import copy
-
     import torch
     import torch.nn as nn
-    import torch.nn.functional as F
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.utils.checkpoint import checkpoint
 
     import torchmagic
     from torchmagic.models import GPT, GPTConfig, SmallCNN
 
-    class CheckpointNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(256, 1024), nn.GELU(),
-                                                      nn.Linear(1024, 256)) for _ in range(4))
-            self.head = nn.Linear(256, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for b in self.blocks:
-                x = x + checkpoint(b, x, use_reentrant=False)
-            return self.head(x)
-
-    def ce(out: object, ids: torch.Tensor) -> torch.Tensor:
-        logits = out.logits if hasattr(out, "logits") else out
-        return F.cross_entropy(logits.flatten(0, -2).float(), ids.flatten())
-
-    def mean(out: torch.Tensor, _: object) -> torch.Tensor:
-        return out.float().mean()
+    # the test list's models and references (tests/estimate_helpers.py), at larger sizes
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from estimate_helpers import CheckpointNet, ce_against_ids, mean_loss, real_cuda_peak, real_peak
 
     cases: dict = {
         "MLP": (lambda: nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048),
                                       nn.GELU(), nn.Linear(2048, 10)),
-                ((torch.randn(128, 512),), {}), mean),
-        "CNN + BatchNorm": (SmallCNN, ((torch.randn(128, 3, 32, 32),), {}), mean),
+                ((torch.randn(128, 512),), {}), mean_loss),
+        "CNN + BatchNorm": (SmallCNN, ((torch.randn(128, 3, 32, 32),), {}), mean_loss),
         "GPT (tied)": (lambda: GPT(GPTConfig(vocab_size=4000, block_size=128, n_layer=4,
                                              n_head=4, d_model=256)),
-                       ((torch.randint(0, 4000, (8, 128)),), {}), ce),
-        "torch.utils.checkpoint": (CheckpointNet, ((torch.randn(512, 256),), {}), mean),
+                       ((torch.randint(0, 4000, (8, 128)),), {}), ce_against_ids),
+        "torch.utils.checkpoint": (lambda: CheckpointNet(256, 1024, 4),
+                                   ((torch.randn(512, 256),), {}), mean_loss),
     }
     try:
         import transformers
@@ -143,55 +119,9 @@ def _case_errors() -> dict:
                                        num_key_value_heads=2, vocab_size=4000,
                                        max_position_embeddings=256)
         cases["HF Llama (config)"] = (lambda: transformers.LlamaForCausalLM(cfg), (
-            (), {"input_ids": torch.randint(0, 4000, (4, 128))}), ce)
+            (), {"input_ids": torch.randint(0, 4000, (4, 128))}), ce_against_ids)
     except ImportError:
         pass
-
-    def real_cpu(model: nn.Module, args: tuple, kwargs: dict, loss_fn) -> int:
-        m = copy.deepcopy(model).train()
-        opt = torch.optim.AdamW(m.parameters(), foreach=True)
-        for p in m.parameters():
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        for p in m.parameters():
-            p.grad = None
-        mt = MemTracker()
-        mt.track_external(*args, *kwargs.values())
-        mt.track_external(m, opt)
-        first = args[0] if args else next(iter(kwargs.values()))
-        with mt:
-            out = m(*args, **kwargs)
-            loss = loss_fn(out, first)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss, out
-        return int(mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
-
-    def real_cuda(model: nn.Module, args: tuple, kwargs: dict, loss_fn) -> int:
-        dev = torch.device("cuda")
-        m = copy.deepcopy(model).to(dev).train()
-        a = tuple(t.to(dev) for t in args)
-        k = {n: t.to(dev) for n, t in kwargs.items()}
-        opt = torch.optim.AdamW(m.parameters(), foreach=True)
-        for p in m.parameters():
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        for p in m.parameters():
-            p.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        out = m(*a, **k)
-        loss = loss_fn(out, a[0] if a else next(iter(k.values())))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        del loss, out
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        del m, opt, a, k
-        torch.cuda.empty_cache()
-        return peak
 
     rows = []
     for name, (make, (args, kwargs), loss_fn) in cases.items():
@@ -201,11 +131,11 @@ def _case_errors() -> dict:
         cpu_est = torchmagic.estimate_memory(model, *inputs, train=True, what_if=False,
                                              trace_device="cpu").peak_bytes
         row = {"model": name, "cpu_estimate": cpu_est,
-               "cpu_real": real_cpu(model, args, kwargs, loss_fn)}
+               "cpu_real": real_peak(model, args, kwargs, True, loss_fn)["total"]}
         if torch.cuda.is_available():
             row["cuda_estimate"] = torchmagic.estimate_memory(
                 model, *inputs, train=True, what_if=False, trace_device="cuda").peak_bytes
-            row["cuda_real"] = real_cuda(model, args, kwargs, loss_fn)
+            row["cuda_real"] = real_cuda_peak(model, args, kwargs, loss_fn)
         rows.append(row)
     return {"case": "errors", "rows": rows,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

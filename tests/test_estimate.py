@@ -15,10 +15,15 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from estimate_helpers import free_reference_cycles
+from estimate_helpers import (
+    CheckpointNet,
+    ce_against_ids,
+    free_reference_cycles,
+    mean_loss,
+    mlp,
+    real_peak,
+)
 from statecheck import Snapshot
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils.checkpoint import checkpoint
 
 import torchmagic
@@ -28,9 +33,6 @@ from torchmagic.core.estimate_devices import GiB, MiB, find_accelerator, parse_b
 from torchmagic.core.estimate_trace import KINDS
 from torchmagic.models import GPT, GPTConfig, Llama, SmallCNN
 
-REFS = {"parameters": "Parameter", "buffers": "Buffer", "gradients": "Gradient",
-        "optimizer_state": "Optstate", "activations": "Activation", "temporaries": "Temp",
-        "inputs": "Other"}
 
 @pytest.fixture(autouse=True)
 def _collect_garbage():
@@ -39,45 +41,15 @@ def _collect_garbage():
     free_reference_cycles()
 
 
-
 # ---------------------------------------------------------------------------------------------
 # models of the test list and the reference
 # ---------------------------------------------------------------------------------------------
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 256),
-                         nn.GELU(), nn.Linear(256, 10))
-
-
-class CheckpointNet(nn.Module):
-    """A model that calls torch.utils.checkpoint itself."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 256), nn.GELU(),
-                                                  nn.Linear(256, 64)) for _ in range(3))
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            x = x + checkpoint(b, x, use_reentrant=False)
-        return self.head(x)
-
-
 def hf_llama() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=500,
                                    max_position_embeddings=128)
     return transformers.LlamaForCausalLM(cfg)
-
-
-def ce_against_ids(out: object, ids: torch.Tensor) -> torch.Tensor:
-    logits = out.logits if hasattr(out, "logits") else out
-    return F.cross_entropy(logits.flatten(0, -2).float(), ids.flatten())
-
-
-def mean_loss(out: torch.Tensor, _: object) -> torch.Tensor:
-    return out.float().mean()
 
 
 # name -> (model factory, inputs factory, how "auto" makes the loss: loss(out, first input))
@@ -91,48 +63,6 @@ CASES = {
                  ce_against_ids),
     "torch_checkpoint": (CheckpointNet, lambda: ((torch.randn(16, 64),), {}), mean_loss),
 }
-
-
-def real_peak(model: nn.Module, args: tuple, kwargs: dict, train: bool, loss_fn=None,
-              optimizer=None, amp: torch.dtype | None = None, prepare=None) -> dict[str, int]:
-    """MemTracker on real tensors: the same step, a real warm-up step first (training).
-    ``prepare(copy)`` changes the copy first (e.g. wraps its blocks in checkpoint)."""
-    m = copy.deepcopy(model)
-    if prepare is not None:
-        prepare(m)
-    m.train(train)
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt = None
-    if train:
-        opt = (optimizer or (lambda ps: torch.optim.AdamW(ps, foreach=True)))(params)
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        for p in params:
-            p.grad = None
-    first = args[0] if args else next(iter(kwargs.values()))
-    mt = MemTracker()
-    mt.track_external(*args, *kwargs.values())
-    mt.track_external(m)
-    if opt is not None:
-        mt.track_external(opt)
-    auto = torch.autocast("cpu", dtype=amp) if amp is not None else torch.autocast("cpu",
-                                                                                  enabled=False)
-    with mt, torch.set_grad_enabled(train):
-        with auto:
-            out = m(*args, **kwargs)
-            if train:
-                loss = loss_fn(out, first)
-        if train:
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
-        del out
-    snap = mt.get_tracker_snapshot("peak")[torch.device("cpu")]
-    ref = {k: int(snap[_MemRefType(v)]) for k, v in REFS.items()}
-    ref["total"] = int(snap["Total"])
-    return ref
 
 
 def assert_within_1pct(est: torchmagic.MemoryEstimate, ref: dict[str, int]) -> None:

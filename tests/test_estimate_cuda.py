@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import requires_cuda
-from test_estimate import CheckpointNet, mean_loss, mlp
+from estimate_helpers import CheckpointNet, mean_loss, mlp, real_cuda_peak
 
 import torchmagic
 from torchmagic.models import GPT, GPTConfig, SmallCNN
@@ -53,30 +53,6 @@ def bigger_cases() -> dict:
         "hf_llama": (llama, lambda: ((), {"input_ids": torch.randint(0, 8000, (4, 256))}), ce),
         "torch_checkpoint": (CheckpointNet, lambda: ((torch.randn(4096, 64),), {}), mean_loss),
     }
-
-
-def real_cuda_peak(model: nn.Module, args: tuple, kwargs: dict, loss_fn) -> int:
-    dev = torch.device("cuda")
-    m = copy.deepcopy(model).to(dev).train()
-    a = tuple(t.to(dev) for t in args)
-    k = {n: t.to(dev) for n, t in kwargs.items()}
-    first = a[0] if a else next(iter(k.values()))
-    opt = torch.optim.AdamW(m.parameters(), foreach=True)
-    for p in m.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    for p in m.parameters():
-        p.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    out = m(*a, **k)
-    loss = loss_fn(out, first)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    del loss, out
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
 
 
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "gpt_tied", "hf_llama",
