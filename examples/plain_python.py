@@ -45,3 +45,7 @@ with tempfile.TemporaryDirectory() as tmp:
     print(torchmagic.load_checkpoint(model, Path(tmp) / "gpt.pt", name="model"))
 
 print(torchmagic.benchmark("model(ids)", {"model": model, "ids": ids}, min_time=0.1))
+
+# Will a training step fit on a T4? Peak memory on fake tensors: nothing allocated.
+est = torchmagic.estimate_memory(model, ids, train=True, optimizer="adamw", device="T4")
+print(est.peak_bytes, est.by_kind["optimizer_state"], est.fits)

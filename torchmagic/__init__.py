@@ -46,6 +46,8 @@ _API: dict[str, str] = {
     "memory_meter": "torchmagic.core.memory",
     "top_tensors": "torchmagic.core.memory",
     "record_memory_history": "torchmagic.core.memory",
+    "estimate_memory": "torchmagic.core.estimate",
+    "MemoryEstimate": "torchmagic.core.estimate",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torchmagic.core.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401
     from torchmagic.core.device import device_report  # noqa: F401
     from torchmagic.core.errors import ForwardError, TorchMagicError  # noqa: F401
+    from torchmagic.core.estimate import MemoryEstimate, estimate_memory  # noqa: F401
     from torchmagic.core.freeze import freeze, unfreeze  # noqa: F401
     from torchmagic.core.memory import (  # noqa: F401
         gpumem,

@@ -786,6 +786,10 @@ class _Run:
         self.call_lines: dict[int, int | None] = {}
         self.filename = ""
         self.named: list[nn.Module] = []
+        # hooks for %%estimate (set by ``meta_shape(_setup=...)``): names bound to ready-made
+        # twins (optimizers), and a context entered around the code, given the converter
+        self.extra: dict[str, Any] = {}
+        self.around: Callable[[_Converter], Any] | None = None
 
     # names of modules made by the code itself
     def register(self, name: str, obj: Any) -> None:
@@ -877,6 +881,7 @@ class _Run:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             conv = _Converter(self.convert, rep.mode)
             new_ns = _build_namespace(namespace, used, conv)
+            new_ns.update(self.extra)
             rep.converted, rep.passed = conv.converted, conv.passed
             self.tracer = ModuleTracer(conv.roots)
             self.tracer.on_enter.append(self._on_enter)
@@ -884,7 +889,8 @@ class _Run:
             redirect.keep_real = conv.keep_real
             line: int | None = None
             try:
-                with self._modes(redirect), trace_modules(self.tracer):
+                around = self.around(conv) if self.around else contextlib.nullcontext()
+                with self._modes(redirect), trace_modules(self.tracer), around:
                     if call is not None:
                         call(new_ns)
                     for stmt, code, is_expr in statements:
@@ -967,7 +973,8 @@ def _caller_namespace() -> dict[str, Any]:
 
 def meta_shape(code_or_fn: str | Callable[[], Any], namespace: dict[str, Any] | None = None, *,
                depth: int = 3, fake: bool = False, fold: bool = True,
-               _flag: str = "fake=True") -> MetaShapeReport:
+               _flag: str = "fake=True", _setup: Callable[[Any], None] | None = None
+               ) -> MetaShapeReport:
     """Run ``code_or_fn`` on the meta device (``fake=True``: under ``FakeTensorMode``) and report
     the shapes it produces, without allocating memory or changing any user object.
 
@@ -987,6 +994,8 @@ def meta_shape(code_or_fn: str | Callable[[], Any], namespace: dict[str, Any] | 
         raise TorchMagicError(f"namespace must be a dict (e.g. globals()); got "
                               f"{type(namespace).__name__}")
     runner = _Run(depth, fake, fold, _flag)
+    if _setup is not None:  # %%estimate: its converter, twins and memory tracker
+        _setup(runner)
     guarded = [namespace]
     if isinstance(code_or_fn, types.FunctionType) and code_or_fn.__globals__ is not namespace:
         guarded.append(code_or_fn.__globals__)

@@ -106,6 +106,9 @@ class ModelSummary(Result):
     unknown_params: list[str] = field(default_factory=list)  # modules with unreadable weights
     lazy_materialized: bool = False         # counts are those the input gives lazy modules
     uncounted: list[UncountedOp] = field(default_factory=list)  # multiply-add ops not counted
+    # summary(..., memory=True): peaks from torchmagic.estimate_memory (bytes; None if not asked)
+    inference_peak_bytes: int | None = None
+    training_peak_bytes: int | None = None
 
     @property
     def total_macs(self) -> int | None:
@@ -177,6 +180,7 @@ def summary(
     torchinfo: bool = False,
     raise_on_error: bool = True,
     width: int | None = None,
+    memory: bool = False,
 ) -> ModelSummary:
     """Summarize ``model``: one :class:`SummaryRow` per module down to ``depth`` and the totals.
 
@@ -193,7 +197,9 @@ def summary(
     on a copy on that device. ``meta``: run on a meta twin (shapes and FLOPs without weights or
     memory). ``columns``: subset of :data:`COLUMNS` to show. ``torchinfo``: also keep torchinfo's
     own table (run on a twin of the model) in ``.torchinfo``, fitted to ``width`` columns
-    (default: ``torchmagic.display.format.text_width()``).
+    (default: ``torchmagic.display.format.text_width()``). ``memory``: also estimate the peak
+    memory of an inference and of a training step (AdamW) with :func:`torchmagic.estimate_memory`
+    (fake tensors; ``inference_peak_bytes``, ``training_peak_bytes`` and one note line).
 
     The forward runs on a twin (:mod:`torchmagic.core.summary_run`): the user's model, its flags,
     buffers, attributes, hooks and torch's global state are never changed; lazy modules stay lazy
@@ -236,6 +242,9 @@ def summary(
     lazy_notes = weight_notes(index.weights(), index.unknown_packed)
 
     if not forward:
+        if memory:
+            raise TorchMagicError("memory=True estimates the peak of a step and needs the "
+                                  "model's inputs")
         result.notes.extend(lazy_notes)
         if torchinfo:
             from torchmagic.core.summary_torchinfo import torchinfo_table
@@ -291,7 +300,34 @@ def summary(
 
         result.torchinfo = torchinfo_table(model, pos, kw, depth, mode, plan.target, plan.meta,
                                            cols, width)
+    if memory:
+        _estimate_peaks(result, model, inputs, dict(args=args, kwargs=kwargs,
+                                                    input_size=input_size, dtypes=dtypes,
+                                                    batch_dim=batch_dim))
     return result
+
+
+def _estimate_peaks(result: ModelSummary, model: nn.Module, inputs: tuple[Any, ...],
+                    given: dict[str, Any]) -> None:
+    """``memory=True``: the inference and training-step peaks from ``estimate_memory``."""
+    from torchmagic.core.estimate import estimate_memory
+    from torchmagic.display.format import human_bytes
+
+    parts = []
+    for train in (False, True):
+        try:
+            est = estimate_memory(model, *inputs, **given, train=train, what_if=False)
+        except (TorchMagicError, ForwardError) as exc:
+            parts.append(f"{'training step' if train else 'inference'}: not estimated ({exc})")
+            continue
+        if train:
+            result.training_peak_bytes = est.peak_bytes
+            parts.append(f"training step (AdamW) {human_bytes(est.peak_bytes)}")
+        else:
+            result.inference_peak_bytes = est.peak_bytes
+            parts.append(f"inference {human_bytes(est.peak_bytes)}")
+    result.notes.append("peak memory (estimated on fake tensors; %estimate for the breakdown): "
+                        + "; ".join(parts))
 
 
 def _uses_children(model: nn.Module) -> set[str]:

@@ -140,3 +140,53 @@ def fake_twin(model: nn.Module, mode: Any) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are fake tensors of ``mode`` (tying kept):
     run it inside ``with mode:`` without ``allow_non_fake_inputs``."""
     return twin(model, lambda t: fake_tensor(t, mode))
+
+
+_HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+               "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+               "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+
+
+def twin_optimizer(optimizer: torch.optim.Optimizer, param_map: dict[int, torch.Tensor],
+                   convert: Any) -> torch.optim.Optimizer:
+    """A copy of ``optimizer`` over twin parameters, with its state twinned too.
+
+    ``param_map``: ``id(real parameter) -> twin parameter`` (the tensors of a model twin, so the
+    optimizer twin updates that twin's parameters); a parameter not in it is made by
+    ``convert(p)`` and added. Every other tensor (state such as ``exp_avg``/``step``, tensor
+    hyperparameters such as a tensor ``lr``) becomes ``convert(t)``; plain values are deep-copied.
+    The twin has the optimizer's own class, hyperparameters, ``param_groups`` structure and hooks
+    (hook dictionaries copied, so hooks added to the twin never reach the user's optimizer). The
+    per-instance ``step`` wrapper an LR scheduler installs (bound to the original optimizer) is not
+    copied: the twin's ``step`` is its class's. ``optimizer`` is not touched.
+    """
+    import collections
+
+    def twin_param(p: torch.Tensor) -> torch.Tensor:
+        if id(p) not in param_map:
+            param_map[id(p)] = convert(p)
+        return param_map[id(p)]
+
+    def value(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return convert(v)
+        return copy.deepcopy(v)
+
+    new = object.__new__(type(optimizer))
+    attrs = dict(vars(optimizer))
+    attrs.pop("step", None)  # an LR scheduler's wrapper that calls the *original* optimizer
+    new.__dict__.update(attrs)
+    for name in _HOOK_DICTS:
+        hooks = attrs.get(name)
+        if isinstance(hooks, dict):
+            setattr(new, name, type(hooks)(hooks))
+    new.defaults = {k: value(v) for k, v in optimizer.defaults.items()}
+    new.param_groups = [
+        {k: ([twin_param(p) for p in v] if k == "params" else value(v)) for k, v in g.items()}
+        for g in optimizer.param_groups
+    ]
+    state: collections.defaultdict[torch.Tensor, dict[str, Any]] = collections.defaultdict(dict)
+    for p, s in optimizer.state.items():
+        state[twin_param(p)] = {k: value(v) for k, v in s.items()}
+    new.state = state
+    return new

@@ -61,6 +61,9 @@ class SummaryMagics(TorchMagics):
 
     @magic_arguments()
     @argument("-o", dest="output", metavar="VAR", help="also store the ModelSummary in VAR")
+    @argument("--memory", action="store_true",
+              help="also the peak memory of an inference and of a training step (AdamW), "
+                   "estimated on fake tensors (%%estimate for the breakdown)")
     @argument("--torchinfo", action="store_true",
               help="also show torchinfo's own table (same inputs and depth; run on a copy)")
     @argument("--columns", metavar="COLS",
@@ -154,7 +157,8 @@ class SummaryMagics(TorchMagics):
                 result = summary(model, *values, args=pos, kwargs=kw, input_size=shapes,
                                  dtypes=dtypes, batch_dim=args.batch_dim, depth=depth,
                                  mode=args.mode, device=args.device, meta=args.meta,
-                                 columns=args.columns, torchinfo=args.torchinfo)
+                                 columns=args.columns, torchinfo=args.torchinfo,
+                                 memory=args.memory)
             except ForwardError as exc:
                 if exc.partial is not None:
                     exc.partial.error = as_flags(exc.partial.error or "") or None

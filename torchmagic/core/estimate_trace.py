@@ -1,0 +1,727 @@
+"""Tracing a training step or an inference on fake tensors with torch's ``MemTracker``.
+
+Nothing here allocates memory for the model: the user's model is copied into a *fake twin* (every
+parameter and buffer a ``FakeTensor`` of one ``FakeTensorMode``: shapes, dtypes and devices, no
+data), the inputs become fake tensors of the same mode, the optimizer is created over the twin's
+parameters inside the mode, and the step runs under
+``torch.distributed._tools.mem_tracker.MemTracker``, which attributes every live byte to parameters,
+buffers, gradients, optimizer state, activations, temporaries or "other" (here: the inputs). Its
+figures on fake tensors are the ones it measures on real tensors (the tests compare the two).
+
+:class:`StepTracker` is ``MemTracker`` plus what the report needs: the live bytes by kind after
+every op (the timeline), where the peak happened (phase, innermost module, op), and the activation
+bytes held by each module at the moment activations peak (where checkpointing pays). It drops
+what the report does not use and costs most: ``MemTracker``'s per-module peak snapshots (a scan of
+every module seen so far after every op, quadratic in model depth: a 70B Llama step took 100 s)
+and its DTensor handling; the bytes by kind are ``MemTracker``'s own (the tests compare them with
+a plain ``MemTracker``).
+
+The step (``train=True``): forward, loss, backward, optimizer step, ``zero_grad(set_to_none=True)``;
+the output and the loss stay referenced until the step ends, as in a training loop's body. The
+optimizer is fresh, so its state is made inside ``step()`` (torch's optimizers make all of it in
+``_init_group``, before any update); :func:`collect_trace` counts that state from the start, which
+gives the step of any iteration after the first (checked against a real warm-up step in the tests).
+Inference: forward under ``torch.no_grad()``, output kept to the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchmagic.core.errors import ForwardError, TorchMagicError
+
+# MemTracker's reference types -> the kinds torchmagic reports (in this order)
+KINDS = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "temporaries",
+         "inputs")
+KIND_LABELS = {"parameters": "parameters", "buffers": "buffers", "gradients": "gradients",
+               "optimizer_state": "optimizer state", "activations": "activations",
+               "temporaries": "temporaries", "inputs": "inputs and other tensors"}
+_REF_NAMES = ("Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp", "Other")
+PHASES = ("setup", "forward", "loss", "backward", "optimizer step")
+_PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the tracker
+# ---------------------------------------------------------------------------------------------
+class _NoHandle:
+    """Stands for a hook handle never registered (frozen parameters)."""
+
+    def remove(self) -> None:
+        return None
+
+
+_NO_HANDLE = _NoHandle()
+
+
+@functools.lru_cache(maxsize=1)
+def tracker_class() -> type:
+    """:class:`StepTracker` (built on first use: ``torch.distributed`` is imported only then)."""
+    try:
+        from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+    except Exception as exc:  # noqa: BLE001 - a torch build without torch.distributed
+        raise TorchMagicError(
+            f"memory estimates use torch's MemTracker (torch.distributed._tools.mem_tracker, "
+            f"torch >= 2.5); this torch {torch.__version__} cannot import it "
+            f"({type(exc).__name__}: {exc})") from None
+
+    from torch.distributed._tools.mod_tracker import ModTracker
+    from torch.utils._pytree import tree_flatten, tree_map_only
+
+    class LeakFreeModTracker(ModTracker):
+        """``ModTracker`` whose backward hooks do not outlive the step. Its pre-forward hook
+        registers ``register_multi_grad_hook(inputs, ...)``, whose closure holds the inputs'
+        ``grad_fn`` nodes while the nodes hold the closure: a cycle through C++ that Python's
+        garbage collector cannot see, which kept every module input's graph (and parameters)
+        alive for good. The ``grad_fns`` lists of those closures are emptied when the tracker
+        exits (:meth:`release`)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._grad_fn_lists: list[list[Any]] = []
+
+        def _fw_pre_hook(self, mod: nn.Module, input: Any) -> None:
+            super()._fw_pre_hook(mod, input)
+            if self.is_bw:
+                return
+            for t in tree_flatten(input)[0]:
+                hooks = getattr(t, "_backward_hooks", None) if isinstance(t, torch.Tensor) \
+                    else None
+                if not hooks:
+                    continue
+                fn = next(reversed(hooks.values()))
+                code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+                for var, cell in zip(code.co_freevars if code else (), cells or ()):
+                    if var == "grad_fns" and isinstance(cell.cell_contents, list):
+                        self._grad_fn_lists.append(cell.cell_contents)
+
+        def release(self) -> None:
+            for grad_fns in self._grad_fn_lists:
+                grad_fns.clear()
+            self._grad_fn_lists.clear()
+
+    refs = [_MemRefType(v) for v in _REF_NAMES]
+    act, opt_ref, temp_ref = _MemRefType.ACT, _MemRefType.OPT, _MemRefType.TEMP
+    prim_device = torch.ops.prim.device.default
+
+    class StepTracker(MemTracker):
+        """``MemTracker`` that also records the timeline, the peak's place and activations by
+        module. ``names``: root modules -> the names their submodules are reported under."""
+
+        def __init__(self, names: dict[nn.Module, str] | None = None) -> None:
+            super().__init__()
+            self.label = "setup"              # the driver's phase; backward/optimizer detected
+            self.samples: list[tuple[int, ...]] = []   # (phase, total, *KINDS bytes) per op
+            # phase index -> (total, sample index, module, op) of that phase's largest sample
+            self.phase_max: dict[int, tuple[int, int, str | None, str | None]] = {}
+            self.act_peak = 0
+            self.act_peak_phase = ""
+            self.act_peak_modules: dict[str | None, int] = {}
+            self._act_live: dict[str | None, int] = {}
+            self._act_total = 0
+            self._func: Any = None
+            self._mod_tracker = LeakFreeModTracker()
+            for mod, name in (names or {}).items():
+                self._mod_tracker._known_modules[mod] = name
+
+        # -- where we are ---------------------------------------------------------------------
+        def phase(self) -> str:
+            if self._in_opt:
+                return "optimizer step"
+            if self._mod_tracker.is_bw:
+                return "backward"
+            return self.label
+
+        def module_now(self) -> str | None:
+            best = None
+            for name in self._mod_tracker.parents:
+                if name != "Global" and (best is None or name.count(".") > best.count(".")):
+                    best = name
+            return best
+
+        # -- MemTracker overrides -------------------------------------------------------------
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            # MemTracker's own, without what torchmagic never meets (DTensor propagation, fake
+            # collectives under a second fake mode), which costs a third of the tracing time
+            if func is prim_device:   # a device query (autograd asks it per node): no memory
+                return func(*args, **(kwargs or {}))
+            if any(getattr(t, "__name__", "") == "DTensor" for t in types):
+                return NotImplemented
+            self._func = func
+            res = func(*args, **(kwargs or {}))
+            if self._in_opt:
+                reftype = opt_ref
+            elif self._mod_tracker.is_bw and not self._in_ac:
+                reftype = temp_ref
+            else:
+                reftype = act
+            track = self._track
+            if isinstance(res, torch.Tensor):
+                track(reftype, res)
+            elif isinstance(res, (tuple, list)):
+                for t in res:
+                    if isinstance(t, torch.Tensor):
+                        track(reftype, t)
+                    elif isinstance(t, (tuple, list, dict)):
+                        tree_map_only(torch.Tensor, functools.partial(track, reftype), t)
+            self._update_peak_stats(None)
+            return res
+
+        def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: int | None = None,
+                         old_reftype: Any = None) -> None:
+            super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
+            kind = u_type.name
+            if kind == "ADD":
+                if winfo.reftype == act:
+                    winfo._tm_module = self.module_now()
+                    self._act(winfo._tm_module, winfo.mem_consumed)
+            elif kind == "DEL":
+                if winfo.reftype == act:
+                    self._act(getattr(winfo, "_tm_module", None), -winfo.mem_consumed)
+            elif kind == "REF":
+                if old_reftype == act:
+                    self._act(getattr(winfo, "_tm_module", None), -winfo.mem_consumed)
+                if winfo.reftype == act:
+                    if not hasattr(winfo, "_tm_module"):
+                        winfo._tm_module = self.module_now()
+                    self._act(winfo._tm_module, winfo.mem_consumed)
+            elif kind == "SIZE" and winfo.reftype == act and old_mem_consumed is not None:
+                self._act(getattr(winfo, "_tm_module", None),
+                          winfo.mem_consumed - old_mem_consumed)
+
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            # MemTracker's own also keeps per-module peak snapshots (walking every module seen
+            # so far after every op: quadratic in depth); torchmagic reports the step's peak
+            curr = self._curr_mem_snap
+            for dev, snap in curr.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(snap)
+            self.sample()
+
+        def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+            # a root module called again (micro-steps of gradient accumulation in a cell):
+            # MemTracker refuses ("multiple iterative calls"); its per-module stats start over
+            if not self._mod_tracker.is_bw and module in self.memory_tracking:
+                name = self._mod_tracker.get_known_fqn(module)
+                if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                    del self.memory_tracking[module]
+            super()._pre_fw_hook(module, inputs)
+
+        def _track_module_params_and_buffers(self, module: nn.Module,
+                                             install_grad_hooks: bool = True) -> tuple[int, int]:
+            # MemTracker hooks every parameter for its gradient, and register_hook raises on a
+            # frozen one (requires_grad=False): mark those as hooked already
+            if install_grad_hooks:
+                for p in module.parameters():
+                    if not p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
+                        self._param_to_grad_hook_handles[p] = (_NO_HANDLE, _NO_HANDLE)
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def __exit__(self, *args: Any) -> None:
+            super().__exit__(*args)
+            if self._depth == 0:
+                self._mod_tracker.release()
+
+        def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
+            return None   # per-module backward snapshots only: not reported
+
+        def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
+            return None
+
+        # -- our records ----------------------------------------------------------------------
+        def _act(self, module: str | None, delta: int) -> None:
+            self._act_live[module] = self._act_live.get(module, 0) + delta
+            self._act_total += delta
+
+        def sample(self) -> None:
+            """Record the live bytes by kind now (called after every op, and by the driver)."""
+            kinds = [0] * len(refs)
+            total = 0
+            for snap in self._curr_mem_snap.values():
+                total += snap[_TOTAL_KEY]
+                for i, ref in enumerate(refs):
+                    kinds[i] += snap.get(ref, 0)
+            phase = self.phase()
+            index = _PHASE_INDEX.get(phase, 0)
+            self.samples.append((index, total, *kinds))
+            best = self.phase_max.get(index)
+            if best is None or total > best[0]:
+                func = self._func
+                op = str(func.overloadpacket) if func is not None and \
+                    hasattr(func, "overloadpacket") else None
+                self.phase_max[index] = (total, len(self.samples) - 1, self.module_now(), op)
+            if self._act_total > self.act_peak:
+                self.act_peak = self._act_total
+                self.act_peak_phase = phase
+                self.act_peak_modules = {k: v for k, v in self._act_live.items() if v > 0}
+
+        def device_peaks(self) -> dict[str, int]:
+            return {str(dev): int(v) for dev, v in self._peak_mem.items()}
+
+    return StepTracker
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_log() -> Any:
+    """FakeTensorMode logs every failing meta kernel with its traceback at ERROR level (to the
+    notebook's stderr) before the exception propagates; the estimate reports the failure in one
+    line, so that logger is silenced for the run (its level restored after)."""
+    import logging
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------
+# fake twins
+# ---------------------------------------------------------------------------------------------
+def fake_like(t: torch.Tensor, mode: Any, device: torch.device,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fake tensor of ``mode`` with ``t``'s shape and strides on ``device`` (``dtype`` for
+    floating tensors when given); Parameters stay Parameters. Works from real, meta and fake
+    tensors; ``t`` is not touched."""
+    dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    with mode:
+        out = torch.empty_strided(tuple(t.size()), tuple(t.stride()), dtype=dt, device=device)
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(out, requires_grad=t.requires_grad)
+    if t.requires_grad and out.is_floating_point():
+        out.requires_grad_(True)
+    return out
+
+
+def fake_model(model: nn.Module, mode: Any, device: torch.device,
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """A twin of ``model`` whose parameters, buffers and plain tensor attributes are fake tensors
+    (``fake_like``; tying kept). Raises :class:`TorchMagicError` for modules that cannot be copied
+    (uninitialized lazy modules, quantized tensors)."""
+    import copy
+
+    from torch.nn.parameter import UninitializedParameter
+
+    tensors = [*model.parameters(), *model.buffers()]
+    for sub in model.modules():
+        tensors.extend(v for v in vars(sub).values() if isinstance(v, torch.Tensor))
+    memo: dict[int, Any] = {}
+    for t in tensors:
+        if id(t) in memo:
+            continue
+        if isinstance(t, UninitializedParameter):
+            raise TorchMagicError("the model has uninitialized lazy modules (nn.LazyLinear ...): "
+                                  "their shapes are known only after one forward; run one "
+                                  "forward on real inputs first")
+        if t.is_quantized:
+            raise TorchMagicError("the model holds quantized tensors (torch.quantize_per_tensor "
+                                  "/ quantize_dynamic), which fake tensors do not support")
+        memo[id(t)] = fake_like(t, mode, device, dtype)
+    try:
+        return copy.deepcopy(model, memo)
+    except TorchMagicError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a module holding a lock, a file ...
+        raise TorchMagicError(f"cannot copy the model to fake tensors ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:160]})") from None
+
+
+def fake_inputs(obj: Any, mode: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Fake copies of every tensor in a nested structure (floating ones cast to ``dtype``); a
+    tensor given twice (``input_ids`` and ``labels``) stays one tensor."""
+    from torch.utils._pytree import tree_map
+
+    memo: dict[int, torch.Tensor] = {}
+
+    def convert(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) not in memo:
+            memo[id(t)] = fake_like(t, mode, device, dtype)
+        return memo[id(t)]
+
+    return tree_map(convert, obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizers
+# ---------------------------------------------------------------------------------------------
+_OPTIMIZER_ALIASES = {"sgd-momentum": ("SGD", {"momentum": 0.9}),
+                      "sgdm": ("SGD", {"momentum": 0.9}),
+                      "sgd-nesterov": ("SGD", {"momentum": 0.9, "nesterov": True})}
+
+
+def optimizer_classes() -> dict[str, type]:
+    """Every ``torch.optim`` optimizer class by lower-case name."""
+    out = {}
+    for name in dir(torch.optim):
+        obj = getattr(torch.optim, name)
+        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and \
+                obj is not torch.optim.Optimizer:
+            out[name.lower()] = obj
+    return out
+
+
+@dataclass
+class OptimizerSpec:
+    """How to make the optimizer: a class and keyword arguments, or a factory ``f(params)``."""
+
+    label: str                      # "AdamW", "SGD(momentum=0.9)"
+    cls: type | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    factory: Callable[[list[torch.Tensor]], Any] | None = None
+
+    def make(self, params: list[torch.Tensor], foreach: bool | None) -> torch.optim.Optimizer:
+        if self.factory is not None:
+            opt = self.factory(params)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TorchMagicError(f"the optimizer factory returned {type(opt).__name__}, not "
+                                      "a torch.optim.Optimizer")
+            return opt
+        assert self.cls is not None
+        kwargs = dict(self.kwargs)
+        if foreach is not None and "foreach" not in kwargs and \
+                "foreach" in inspect.signature(self.cls.__init__).parameters:
+            kwargs["foreach"] = foreach
+        try:
+            return self.cls(params, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise TorchMagicError(f"cannot create {self.label}: {exc}") from None
+
+
+def optimizer_spec(optimizer: Any, kwargs: Mapping[str, Any] | None = None) -> OptimizerSpec:
+    """``"adamw"``, ``"sgd-momentum"``, any ``torch.optim`` class name (any case), an optimizer
+    class, or a callable ``f(params) -> Optimizer`` -> :class:`OptimizerSpec`."""
+    kwargs = dict(kwargs or {})
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        cls, extra = optimizer, {}
+    elif isinstance(optimizer, str):
+        key = optimizer.strip().lower().replace("_", "-")
+        if key in _OPTIMIZER_ALIASES:
+            name, extra = _OPTIMIZER_ALIASES[key]
+            cls = getattr(torch.optim, name)
+        else:
+            classes = optimizer_classes()
+            cls = classes.get(key.replace("-", ""))
+            extra = {}
+            if cls is None:
+                names = sorted({c.__name__.lower() for c in classes.values()
+                                if c.__name__ != "LBFGS"} | set(_OPTIMIZER_ALIASES))
+                raise TorchMagicError(f"unknown optimizer {optimizer!r}: torch.optim has no such "
+                                      f"class (valid: {', '.join(names)})")
+    elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+        label = getattr(optimizer, "__name__", type(optimizer).__name__)
+        return OptimizerSpec(label=f"{label}(params)", factory=optimizer)
+    else:
+        raise TorchMagicError(f"optimizer must be a torch.optim class name (adamw, sgd, ...), a "
+                              f"class, or a function of the parameters; got "
+                              f"{type(optimizer).__name__}")
+    if cls.__name__ == "LBFGS":
+        raise TorchMagicError("LBFGS steps with a closure that re-runs the model; estimate it with "
+                              "%%estimate on your own training cell")
+    merged = {**extra, **kwargs}
+    label = cls.__name__ + (f"({', '.join(f'{k}={v}' for k, v in merged.items())})"
+                            if merged else "")
+    return OptimizerSpec(label=label, cls=cls, kwargs=merged)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpointing, loss
+# ---------------------------------------------------------------------------------------------
+def repeated_blocks(model: nn.Module) -> tuple[str, list[nn.Module]] | None:
+    """The largest group of repeated blocks: the ``ModuleList``/``Sequential`` (at any depth)
+    whose children are two or more modules of one class, with the most parameters."""
+    best: tuple[int, str, list[nn.Module]] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(mod.children())
+        if len(children) < 2 or len({type(c) for c in children}) != 1:
+            continue
+        if not any(True for _ in children[0].parameters()):
+            continue
+        size = sum(p.numel() for c in children for p in c.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, children)
+    return None if best is None else (best[1], best[2])
+
+
+def apply_checkpointing(model: nn.Module) -> str:
+    """Wrap each repeated block of the (twin) ``model`` in ``torch.utils.checkpoint`` (non
+    reentrant): its activations are recomputed in backward instead of kept. Returns a
+    description; raises :class:`TorchMagicError` when the model has no repeated blocks."""
+    from torch.utils.checkpoint import checkpoint
+
+    found = repeated_blocks(model)
+    if found is None:
+        raise TorchMagicError("--checkpointing wraps each repeated block (a ModuleList or "
+                              "Sequential of layers of one class) and this model has none")
+    name, blocks = found
+    for block in blocks:
+        forward = block.forward
+
+        def wrapped(*args: Any, __forward: Any = forward, **kwargs: Any) -> Any:
+            return checkpoint(__forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = wrapped  # the twin's own attribute; the user's model is not touched
+    return (f"activation checkpointing: each of the {len(blocks)} {type(blocks[0]).__name__} "
+            f"blocks in {name or '(root)'} (torch.utils.checkpoint, non-reentrant)")
+
+
+LOSSES = ("auto", "mean", "cross_entropy")
+
+
+def first_float_output(out: Any) -> torch.Tensor | None:
+    from torchmagic.core.tracing import _tensor_leaves
+
+    for t in _tensor_leaves(out):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad:
+            return t
+    return None
+
+
+def compute_loss(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 loss: Any) -> tuple[torch.Tensor, str]:
+    """The scalar to back-propagate from ``out`` and how it was made (see ``estimate_memory``)."""
+    import torch.nn.functional as F
+
+    if callable(loss):
+        value = loss(out)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
+            raise TorchMagicError("the loss function must return a one-element tensor that "
+                                  "requires grad")
+        return value, f"{getattr(loss, '__name__', 'loss')}(output)"
+    if loss == "auto":
+        own = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if isinstance(own, torch.Tensor) and own.numel() == 1 and own.requires_grad:
+            return own, "the model's own loss (output.loss)"
+    logits = first_float_output(out)
+    if logits is None:
+        raise TorchMagicError("the model's output holds no floating tensor that requires grad: "
+                              "nothing to back-propagate (are all parameters frozen?)")
+    if loss in ("auto", "cross_entropy"):
+        ids = None
+        for t in [kwargs.get("input_ids"), *args, *kwargs.values()]:
+            if isinstance(t, torch.Tensor) and not t.is_floating_point() and \
+                    not t.is_complex() and t.dtype != torch.bool:
+                ids = t
+                break
+        if ids is not None and logits.dim() == ids.dim() + 1 and \
+                tuple(logits.shape[:-1]) == tuple(ids.shape):
+            value = F.cross_entropy(logits.flatten(0, -2).float(), ids.flatten())
+            return value, "cross-entropy of the logits (in float32) against the input ids"
+        if loss == "cross_entropy":
+            raise TorchMagicError("loss cross_entropy needs integer inputs (token ids) of shape "
+                                  "(batch, ...) and logits of shape (batch, ..., classes)")
+    return logits.float().mean(), "mean of the output (in float32)"
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StepSpec:
+    """What to trace."""
+
+    train: bool = False
+    optimizer: OptimizerSpec | None = None
+    foreach: bool | None = None          # None: the optimizer's own default on this device
+    dtype: torch.dtype | None = None      # weights (and floating inputs) cast to it
+    amp: torch.dtype | None = None        # autocast dtype
+    checkpointing: bool = False
+    loss: Any = "auto"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class Trace:
+    """What one traced step found (bytes)."""
+
+    peak_bytes: int
+    by_kind: dict[str, int]
+    peak_phase: str
+    peak_module: str | None
+    peak_op: str | None
+    samples: list[tuple[int, ...]]
+    peak_sample: int
+    phase_peaks: dict[str, int]
+    act_peak: int
+    act_peak_phase: str
+    act_by_module: dict[str, int]
+    by_device: dict[str, int]
+    loss: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _optimizer_failure(label: str, exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if "DataDependentOutput" in type(exc).__name__ or "_local_scalar_dense" in text:
+        return (f"{label} reads values in its step (.item() on a parameter or a norm), and the "
+                "estimate runs on fake tensors, which have shapes but no values; estimate with "
+                "another optimizer (e.g. adamw, sgd) or measure a real step with %gpumem")
+    return f"{label}.step() failed on the fake parameters: {type(exc).__name__}: {text[:200]}"
+
+
+def _forward_failure(exc: BaseException, tracer: Any, name: str) -> ForwardError:
+    from torchmagic.core.tracing import describe_failure
+
+    call = tracer.failing_call
+    module = tracer.module_of(call) if call is not None else None
+    text = str(exc)
+    kind = type(exc).__name__
+    if "DataDependentOutput" in kind or "DynamicOutputShape" in kind or \
+            "GuardOnDataDependent" in kind or "_local_scalar_dense" in text:
+        why = RuntimeError(
+            "reads tensor values (.item(), .tolist(), an if on a tensor, or an op whose output "
+            "size depends on values such as nonzero or x[mask]); the estimate runs on fake "
+            "tensors, which have shapes but no values. Use %%estimate on a cell that avoids the "
+            "read, or %%meta_shape --fake to see where it happens")
+        return ForwardError(describe_failure(call, why, module) if call else str(why),
+                            original=exc, module_path=call.path if call else None,
+                            module_class=call.cls if call else None)
+    if call is None:
+        msg = f"{name}: {kind}: {' '.join(text.split())[:300]}"
+    else:
+        msg = describe_failure(call, exc, module)
+    from torchmagic.core.tracing import format_shapes
+
+    return ForwardError(msg, original=exc, module_path=call.path if call else None,
+                        module_class=call.cls if call else None,
+                        input_shapes=format_shapes(call.input_shapes) if call else None)
+
+
+def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], spec: StepSpec,
+               name: str = "model") -> Trace:
+    """Trace one step of ``model`` on fake tensors (see the module docstring).
+
+    ``args``/``kwargs``: the inputs (real or meta tensors; only their shapes and dtypes are read).
+    Raises :class:`ForwardError` naming the failing module when the model fails, and
+    :class:`TorchMagicError` for unusable settings. Global torch state is restored on every path.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchmagic.core.state import preserved_global_state
+    from torchmagic.core.tracing import ModuleTracer, trace_modules
+
+    cls = tracker_class()
+    notes: list[str] = []
+    with preserved_global_state(), quiet_fake_tensor_log():
+        mode = FakeTensorMode()
+        fake = fake_model(model, mode, spec.device, spec.dtype)
+        fake.train(spec.train)
+        if spec.checkpointing:
+            notes.append(apply_checkpointing(fake))
+        f_args, f_kwargs = fake_inputs((args, kwargs), mode, spec.device, spec.dtype)
+        trainable = [p for p in fake.parameters() if p.requires_grad]
+        opt = None
+        if spec.train:
+            if not trainable:
+                raise TorchMagicError("the model has no trainable parameters (all requires_grad="
+                                      "False): a training step updates nothing; estimate the "
+                                      "inference instead")
+            assert spec.optimizer is not None
+            with mode:
+                opt = spec.optimizer.make(trainable, spec.foreach)
+        tracker = cls({fake: name})
+        from torch.utils._pytree import tree_flatten
+
+        tracker.track_external(*[t for t in tree_flatten((f_args, f_kwargs))[0]
+                                 if isinstance(t, torch.Tensor)])
+        tracker.track_external(fake)
+        if opt is not None:
+            tracker.track_external(opt)
+        mtracer = ModuleTracer({name: fake})
+        amp = torch.autocast(spec.device.type, dtype=spec.amp) if spec.amp is not None \
+            else contextlib.nullcontext()
+        loss_desc = ""
+        try:
+            with mode, tracker, trace_modules(mtracer):
+                tracker.sample()
+                tracker.label = "forward"
+                with torch.set_grad_enabled(spec.train):
+                    with amp:
+                        out = fake(*f_args, **f_kwargs)
+                        if spec.train:
+                            tracker.label = "loss"
+                            loss, loss_desc = compute_loss(out, f_args, f_kwargs, spec.loss)
+                    tracker.sample()
+                    if spec.train:
+                        tracker.label = "backward"
+                        loss.backward()
+                        tracker.sample()
+                        assert opt is not None
+                        tracker.label = "optimizer step"   # also ops around the hooks
+                        try:
+                            opt.step()
+                        except Exception as exc:  # noqa: BLE001 - the optimizer's own step
+                            raise TorchMagicError(_optimizer_failure(spec.optimizer.label, exc)) \
+                                from None
+                        tracker.sample()
+                        opt.zero_grad(set_to_none=True)
+                        del loss
+                    del out
+                tracker.sample()
+        except (TorchMagicError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise _forward_failure(exc, mtracer, name) from exc
+    return collect_trace(tracker, loss_desc, notes, steady_state=spec.train)
+
+
+def collect_trace(tracker: Any, loss_desc: str, notes: list[str],
+                  steady_state: bool = False) -> Trace:
+    """The :class:`Trace` of a finished tracker.
+
+    ``steady_state``: the step was an optimizer's first (its state is made inside ``step()``,
+    before any update: torch's optimizers create all of it in ``_init_group``); every sample before
+    the optimizer step gets the state made during the step added, as in any later step, when the
+    state exists from the start. The optimizer step itself already holds all of it."""
+    samples = tracker.samples
+    i_opt = 2 + KINDS.index("optimizer_state")
+    step = _PHASE_INDEX["optimizer step"]
+    added = 0
+    if steady_state and samples:
+        added = max(0, samples[-1][i_opt] - samples[0][i_opt])
+    if added:
+        samples = [s if s[0] >= step else
+                   (s[0], s[1] + added, *s[2:i_opt], s[i_opt] + added, *s[i_opt + 1:])
+                   for s in samples]
+    phase_peaks: dict[str, int] = {}
+    best: tuple[int, int, str | None, str | None, str] | None = None
+    for index, (total, sample, module, op) in tracker.phase_max.items():
+        total += added if index < step else 0
+        phase_peaks[PHASES[index]] = int(total)
+        if best is None or total > best[0]:
+            best = (total, sample, module, op, PHASES[index])
+    if best is None:
+        best = (0, -1, None, None, "setup")
+    phase_peaks = {p: phase_peaks[p] for p in PHASES if p in phase_peaks}
+    peak = samples[best[1]] if best[1] >= 0 else (0, 0, *[0] * len(KINDS))
+    by_kind = dict(zip(KINDS, (int(v) for v in peak[2:])))
+    act = {(k or "(outside modules)"): int(v) for k, v in tracker.act_peak_modules.items()}
+    if added:
+        notes = [*notes, f"optimizer state made during the step ({added:,} bytes) counted from "
+                         "the start, as in any step after the first"]
+    return Trace(peak_bytes=int(best[0]), by_kind=by_kind, peak_phase=best[4],
+                 peak_module=best[2], peak_op=best[3], samples=samples, peak_sample=best[1],
+                 phase_peaks=phase_peaks, act_peak=int(tracker.act_peak),
+                 act_peak_phase=tracker.act_peak_phase, act_by_module=act,
+                 by_device=tracker.device_peaks(), loss=loss_desc, notes=notes)
+
+
+__all__ = ["KINDS", "KIND_LABELS", "LOSSES", "PHASES", "OptimizerSpec", "StepSpec", "Trace",
+           "apply_checkpointing", "collect_trace", "compute_loss", "fake_inputs", "fake_like", "fake_model",
+           "optimizer_classes", "optimizer_spec", "quiet_fake_tensor_log", "repeated_blocks",
+           "trace_step",
+           "tracker_class"]
