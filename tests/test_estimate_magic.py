@@ -58,6 +58,26 @@ def test_line_magic_input_forms(ip, ns) -> None:
     assert ns["d"].batch == 8 and ns["d"].peak_bytes > ns["a"].peak_bytes
 
 
+def test_line_magic_takes_inputs_as_summary_does(ip, ns) -> None:
+    """The shared INPUTS options (magics/_base.py input_arguments): a Mapping that is not a
+    dict (a tokenizer's BatchEncoding is a UserDict) is keyword arguments, name=EXPR, --args,
+    --kwargs and --batch-dim."""
+    from collections import UserDict
+
+    ns["batch"] = UserDict(idx=ns["ids"])
+    run(ip, "estimate gpt ids -o a")
+    run(ip, "estimate gpt batch -o b")
+    run(ip, "estimate gpt idx=ids -o c")
+    run(ip, "estimate gpt --args (ids,) -o d")
+    run(ip, "estimate gpt --kwargs dict(idx=ids) -o e")
+    assert len({ns[k].peak_bytes for k in "abcde"}) == 1
+    # shapes without their batch dimension: batch 1 inserted at dim 0, then --batch sets it
+    run(ip, "estimate gpt (32,) --dtypes long --batch-dim 0 --batch 4 -o f")
+    assert ns["f"].batch == 4 and ns["f"].peak_bytes == ns["a"].peak_bytes
+    with pytest.raises(UsageError, match="--batch-dim applies to shape inputs"):
+        ip.run_line_magic("estimate", "gpt ids --batch-dim 0")
+
+
 def test_options_reach_the_core(ip, ns) -> None:
     run(ip, "estimate gpt ids --train --optimizer sgd --dtype bf16 --amp bf16 --checkpointing "
             "--memory 1GiB --reserve 0 --top 2 -o e")
@@ -70,9 +90,12 @@ def test_options_reach_the_core(ip, ns) -> None:
 
 
 def test_max_batch_progress_line(ip, ns, monkeypatch) -> None:
-    import torchmagic.magics.estimate as magic
+    import torchmagic.display.live as live
 
-    monkeypatch.setattr(magic, "_tty", lambda: True)
+    # a terminal: the live panel's status line (display/live.py) says what is traced
+    monkeypatch.setattr(live, "_where", lambda: "terminal")
+    real_live = live.live
+    monkeypatch.setattr(live, "live", lambda title, delay=0.0, **kw: real_live(title, 0.0, **kw))
     _, shown = run(ip, "estimate gpt ids --train --memory 20MiB --reserve 0 --max-batch "
                        "--no-what-if -o m")
     assert "searching the largest batch that fits" in shown

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import keyword
+import re
 import shlex
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -157,6 +158,73 @@ def _numbers(value: Any) -> bool:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
+# -- model inputs: the same options for every magic that runs a forward ------------------------
+def input_arguments(func: Any) -> Any:
+    r"""Decorator adding the INPUTS options every magic that runs a model's forward takes
+    (``%summary``, ``%estimate``, ``%compile``): ``--dtypes``, ``--batch-dim``, ``--args`` and
+    ``--kwargs``. Put it between ``@magic_arguments()`` and the magic's own ``@argument``\ s; read
+    them back with :meth:`TorchMagics.model_inputs`."""
+    from IPython.core.magic_arguments import argument
+
+    for deco in (
+        argument("--kwargs", metavar="EXPR",
+                 help="keyword arguments of the forward: a dict (or any mapping) expression"),
+        argument("--args", metavar="EXPR",
+                 help="positional arguments of the forward, taken as they are: a tuple "
+                      "expression, e.g. (feats,) for a forward(self, features) that takes one dict"),
+        argument("--batch-dim", type=int, default=None, metavar="N",
+                 help="shapes are given without their batch dimension: a batch of 1 is inserted "
+                      "at position N (torchinfo's batch_dim)"),
+        argument("--dtypes", metavar="DTYPES",
+                 help="dtypes of shape inputs, comma-separated (e.g. long,float or "
+                      "torch.LongTensor); integer inputs are zeros, floating ones random"),
+    ):
+        func = deco(func)
+    return func
+
+
+INPUT_FLAGS = (("--dtypes", "dtypes"), ("--batch-dim", "batch_dim"), ("--args", "args"),
+               ("--kwargs", "kwargs"))
+
+# The plain-Python functions name their own arguments in messages; the magics say their flags.
+_FLAGS = [
+    (re.compile(r"dtypes='(\w+)'"), r"--dtypes \1"),
+    (re.compile(r"without meta=True"), "without --meta"),
+    (re.compile(r"\bmeta=True\b"), "--meta"),
+    (re.compile(r"\bargs=\((\w+),\)"), r"--args (\1,)"),
+    (re.compile(r"torchmagic\.meta_shape\(code, fake=True\)"), "%%meta_shape --fake"),
+    (re.compile(r"\bsmaller input_size\b"), "smaller shapes"),
+    (re.compile(r"\binput_size shapes\b"), "shapes"),
+    (re.compile(r"\bbatch_dim\b"), "--batch-dim"),
+    (re.compile(r"\bkwargs=\b"), "name=EXPR INPUTS or --kwargs"),
+    (re.compile(r"\bkwargs must be\b"), "--kwargs must be"),
+    (re.compile(r"^columns needs\b"), "--columns needs"),
+    (re.compile(r"^memory=True\b"), "--memory"),
+]
+
+
+def as_flags(message: str) -> str:
+    """A core message with its Python argument names replaced by the magics' flags."""
+    for pattern, repl in _FLAGS:
+        message = pattern.sub(repl, message)
+    return message
+
+
+@contextlib.contextmanager
+def flag_names() -> Iterator[None]:
+    """Re-raise core errors with the magics' flags in place of Python argument names (use
+    inside :func:`user_errors`)."""
+    try:
+        yield
+    except ForwardError as exc:
+        exc.args = (as_flags(str(exc)),)
+        if exc.partial is not None and getattr(exc.partial, "error", None):
+            exc.partial.error = as_flags(exc.partial.error)
+        raise
+    except TorchMagicError as exc:
+        raise TorchMagicError(as_flags(str(exc))) from None
+
+
 # -- base class --------------------------------------------------------------------------------
 class TorchMagics(Magics):
     """Base of torchmagic's ``Magics`` classes.
@@ -231,6 +299,33 @@ class TorchMagics(Magics):
             else:
                 values.append(keywords)
         return (shapes or None), values
+
+    def model_inputs(self, args: Any) -> tuple[list[Any], dict[str, Any]]:
+        """The parsed ``INPUTS`` and :func:`input_arguments` options of a magic ->
+        ``(values, options)`` for ``core_function(model, *values, **options)``, the way
+        :func:`torchmagic.core.inputs.prepare_inputs` takes them (``args``, ``kwargs``,
+        ``input_size``, ``dtypes``, ``batch_dim``). One-line errors for options that do not
+        apply."""
+        shapes, values = self.parse_inputs(args.inputs)
+        dtypes = [d for d in args.dtypes.split(",") if d.strip()] if args.dtypes else None
+        if dtypes and not shapes:
+            raise TorchMagicError("--dtypes applies to shape inputs like (2,16); tensors keep "
+                                  "their own dtype")
+        if args.batch_dim is not None and not shapes:
+            raise TorchMagicError("--batch-dim applies to shape inputs given without their "
+                                  "batch dimension, like (3,224,224)")
+        pos = kw = None
+        if args.args is not None:
+            if shapes or [v for v in values if not isinstance(v, dict)]:
+                raise TorchMagicError("give positional inputs either as INPUTS or with "
+                                      "--args, not both")
+            pos = self.evaluate(args.args, "--args")
+        if args.kwargs is not None:
+            kw = self.evaluate(args.kwargs, "--kwargs")
+        if pos is not None and values:  # name=EXPR keywords beside --args
+            kw = {**(kw or {}), **values.pop()}
+        return values, {"args": pos, "kwargs": kw, "input_size": shapes, "dtypes": dtypes,
+                        "batch_dim": args.batch_dim}
 
     # evaluation in the user's namespace
     def evaluate(self, expr: str, what: str = "expression") -> Any:

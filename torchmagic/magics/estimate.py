@@ -4,12 +4,12 @@ tensors, with a verdict against the device.
 
 Both only parse, call :func:`torchmagic.core.estimate.estimate_memory` /
 :func:`torchmagic.core.estimate_cell.estimate_cell`, and display the result. Several traces
-(``--max-batch``, the alternatives) show one progress line that is updated in place.
+(``--max-batch``, the alternatives) show a live panel (:mod:`torchmagic.display.live`), replaced
+in place by the result.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -17,84 +17,32 @@ from IPython.core.magic import line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from torchmagic.core.errors import TorchMagicError
-from torchmagic.magics._base import TorchMagics, parse, user_errors
+from torchmagic.magics._base import (
+    INPUT_FLAGS,
+    TorchMagics,
+    flag_names,
+    input_arguments,
+    parse,
+    user_errors,
+)
 
 _LINE_ONLY = (("--train", "train"), ("--optimizer", "optimizer"), ("--dtype", "dtype"),
               ("--amp", "amp"), ("--checkpointing", "checkpointing"), ("--batch", "batch"),
-              ("--max-batch", "max_batch"), ("--dtypes", "dtypes"), ("--loss", "loss"))
+              ("--max-batch", "max_batch"), ("--loss", "loss"), *INPUT_FLAGS)
 
 
-def _tty() -> bool:
-    import sys
+def _progress_message(info: dict[str, Any]) -> str | None:
+    """A live-panel line for one stage reported by ``estimate_memory(progress=...)``."""
+    from torchmagic.display.format import human_bytes
 
-    return sys.stdout is not None and sys.stdout.isatty()
-
-
-class _ProgressLine:
-    """One line saying which trace runs: updated in place in a notebook (a display handle),
-    rewritten with a carriage return in a terminal; nothing for a single trace, nothing when the
-    output goes to a file or a pipe."""
-
-    def __init__(self, magic: str) -> None:
-        self.magic = magic
-        self.handle: Any = None
-        self.started = time.perf_counter()
-        self.shown = False
-        self.count = 0
-
-    def _kernel(self) -> bool:
-        try:
-            from IPython import get_ipython
-        except ImportError:  # pragma: no cover
-            return False
-        shell = get_ipython()
-        return shell is not None and getattr(shell, "kernel", None) is not None
-
-    def __call__(self, info: dict[str, Any]) -> None:
-        from torchmagic.display.format import human_bytes
-
-        stage = info.get("stage")
-        if stage == "trace":
-            return
-        self.count += 1
-        if stage == "max-batch":
-            verdict = "fits" if info["fits"] else "does not fit"
-            msg = (f"batch {info['batch']:,}: {human_bytes(info['peak'])}, {verdict}; "
-                   "searching the largest batch that fits")
-        else:
-            msg = (f"what if: {info.get('change')} ({info.get('index', 0) + 1} of "
-                   f"{info.get('count', '?')})")
-        self._show(f"{self.magic}: trace {self.count + 1}, {time.perf_counter() - self.started:.0f}"
-                   f" s: {msg}")
-
-    def _show(self, text: str) -> None:
-        if not self._kernel() and not _tty():
-            return   # output captured to a file or a pipe: no line to rewrite
-        if self._kernel():
-            from IPython.display import display
-
-            bundle = {"text/plain": text}
-            if self.handle is None:
-                self.handle = display(bundle, raw=True, display_id=True)
-            else:
-                self.handle.update(bundle, raw=True)
-        else:
-            from torchmagic.display.format import text_width
-
-            width = text_width() - 1
-            print("\r" + text[:width].ljust(width), end="", flush=True)
-        self.shown = True
-
-    def close(self) -> None:
-        """Remove the line (the result follows)."""
-        if not self.shown:
-            return
-        if self.handle is not None:
-            self.handle.update({"text/plain": ""}, raw=True)
-        else:
-            from torchmagic.display.format import text_width
-
-            print("\r" + " " * (text_width() - 1) + "\r", end="", flush=True)
+    stage = info.get("stage")
+    if stage == "trace":
+        return None
+    if stage == "max-batch":
+        verdict = "fits" if info["fits"] else "does not fit"
+        return (f"batch {info['batch']:,}: {human_bytes(info['peak'])}, {verdict}; searching "
+                "the largest batch that fits")
+    return f"what if: {info.get('change')} ({info.get('index', 0) + 1} of {info.get('count', '?')})"
 
 
 @magics_class
@@ -102,6 +50,7 @@ class EstimateMagics(TorchMagics):
     """``%estimate`` / ``%%estimate``."""
 
     @magic_arguments()
+    @input_arguments
     @argument("--train", action="store_true",
               help="a training step: forward, loss, backward, optimizer step (default: an "
                    "inference under torch.no_grad(), eval mode)")
@@ -133,13 +82,12 @@ class EstimateMagics(TorchMagics):
               help="%%%%estimate: measure the optimizer's very first step (no state made first)")
     @argument("--top", type=int, default=8, metavar="N",
               help="modules listed by activation memory (default 8)")
-    @argument("--dtypes", metavar="DTYPES",
-              help="dtypes of shape inputs, comma-separated (e.g. long)")
     @argument("-o", dest="output", metavar="VAR", help="also store the MemoryEstimate in VAR")
     @argument("model", nargs="?", metavar="MODEL", help="an nn.Module (any expression)")
     @argument("inputs", nargs="*", metavar="INPUTS",
-              help="shapes like (8,3,224,224) or tensors / tuples / a dict of keyword arguments "
-                   "from the namespace, as %%summary takes them")
+              help="shapes like (8,3,224,224), or tensors / an argument tuple / a dict or "
+                   "tokenizer output (keyword arguments) from the namespace, name=EXPR: as "
+                   "%%summary takes them")
     @line_cell_magic
     def estimate(self, line: str, cell: str | None = None) -> None:
         """Will it fit? The peak memory of a training step or an inference, on fake tensors.
@@ -179,34 +127,38 @@ class EstimateMagics(TorchMagics):
                              "own optimizer)")
         from torchmagic.core.estimate import estimate_memory
 
-        with user_errors("%estimate"):
+        with user_errors("%estimate"), flag_names():
             self.check_output_name(args.output)
             if args.top < 0:
                 raise TorchMagicError(f"--top must be >= 0; got {args.top}")
             model = self.evaluate(args.model, "model")
-            shapes, values = self.parse_inputs(args.inputs)
-            dtypes = [d for d in args.dtypes.split(",") if d.strip()] if args.dtypes else None
-            if dtypes and not shapes:
-                raise TorchMagicError("--dtypes applies to shape inputs like (2,16); tensors keep "
-                                      "their own dtype")
+            values, given = self.model_inputs(args)
             if not args.train:
                 for flag, on in (("--optimizer", args.optimizer), ("--checkpointing",
                                                                      args.checkpointing)):
                     if on:
                         raise TorchMagicError(f"{flag} applies to a training step: add --train")
-            progress = _ProgressLine("%estimate")
-            try:
+            from torchmagic.display.live import live
+
+            # several traces (--max-batch, the alternatives): a live panel, replaced by the result
+            with live("%estimate", delay=0.5) as panel:
+                traces = [0]
+
+                def progress(info: dict[str, Any]) -> None:
+                    msg = _progress_message(info)
+                    if msg is not None:
+                        traces[0] += 1
+                        panel.update(None, f"trace {traces[0] + 1}: {msg}")
+
                 result = estimate_memory(
-                    model, *values, input_size=shapes, dtypes=dtypes, train=args.train,
+                    model, *values, **given, train=args.train,
                     optimizer=args.optimizer or "adamw", dtype=args.dtype, amp=args.amp,
                     checkpointing=args.checkpointing, loss=args.loss, batch=args.batch,
                     max_batch=args.max_batch, device=args.device, memory=args.memory,
                     reserve=args.reserve, what_if=args.what_if, top=args.top,
                     name=args.model.strip(), progress=progress)
-            finally:
-                progress.close()
-            self.store(args.output, result)
-        self.show(result)
+                self.store(args.output, result)
+                panel.finish(result)
         return None
 
     def _cell(self, args: Any, cell: str) -> None:

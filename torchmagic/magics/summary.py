@@ -7,52 +7,19 @@ not when the extension loads.
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Iterator
-
 from IPython.core.error import UsageError
 from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from torchmagic.core.errors import ForwardError, TorchMagicError
-from torchmagic.magics._base import TorchMagics, parse, user_errors
-
-# The plain-Python functions name their own arguments in messages; the magic says its flags.
-_FLAGS = [
-    (re.compile(r"dtypes='(\w+)'"), r"--dtypes \1"),
-    (re.compile(r"without meta=True"), "without --meta"),
-    (re.compile(r"\bmeta=True\b"), "--meta"),
-    (re.compile(r"\bargs=\((\w+),\)"), r"--args (\1,)"),
-    (re.compile(r"torchmagic\.meta_shape\(code, fake=True\)"), "%%meta_shape --fake"),
-    (re.compile(r"\bsmaller input_size\b"), "smaller shapes"),
-    (re.compile(r"\binput_size shapes\b"), "shapes"),
-    (re.compile(r"\bbatch_dim\b"), "--batch-dim"),
-    (re.compile(r"\bkwargs=\b"), "name=EXPR INPUTS or --kwargs"),
-    (re.compile(r"\bkwargs must be\b"), "--kwargs must be"),
-    (re.compile(r"^columns needs\b"), "--columns needs"),
-]
-
-
-def as_flags(message: str) -> str:
-    """A core message with its Python argument names replaced by this magic's flags."""
-    for pattern, repl in _FLAGS:
-        message = pattern.sub(repl, message)
-    return message
-
-
-@contextlib.contextmanager
-def _flag_names() -> Iterator[None]:
-    """Re-raise core errors with ``%summary``'s flags in place of Python argument names."""
-    try:
-        yield
-    except ForwardError as exc:
-        exc.args = (as_flags(str(exc)),)
-        if exc.partial is not None and getattr(exc.partial, "error", None):
-            exc.partial.error = as_flags(exc.partial.error)
-        raise
-    except TorchMagicError as exc:
-        raise TorchMagicError(as_flags(str(exc))) from None
+from torchmagic.magics._base import (
+    TorchMagics,
+    as_flags,
+    flag_names,
+    input_arguments,
+    parse,
+    user_errors,
+)
 
 
 @magics_class
@@ -60,6 +27,7 @@ class SummaryMagics(TorchMagics):
     """``%summary`` and ``%params``."""
 
     @magic_arguments()
+    @input_arguments
     @argument("-o", dest="output", metavar="VAR", help="also store the ModelSummary in VAR")
     @argument("--memory", action="store_true",
               help="also the peak memory of an inference and of a training step (AdamW), "
@@ -69,23 +37,12 @@ class SummaryMagics(TorchMagics):
     @argument("--columns", metavar="COLS",
               help="comma-separated columns: input, output, params, trainable, percent, flops, "
                    "macs, bytes, kernel, calls")
-    @argument("--kwargs", metavar="EXPR",
-              help="keyword arguments of the forward: a dict (or any mapping) expression")
-    @argument("--args", metavar="EXPR",
-              help="positional arguments of the forward, taken as they are: a tuple expression, "
-                   "e.g. (feats,) for a forward(self, features) that takes one dict")
-    @argument("--batch-dim", type=int, default=None, metavar="N",
-              help="shapes are given without their batch dimension: a batch of 1 is inserted "
-                   "at position N (torchinfo's batch_dim)")
     @argument("--meta", action="store_true",
               help="run on a meta copy of the model: no weights read, no memory")
     @argument("--device", metavar="D", help="run on a copy of the model on device D (e.g. cuda)")
     @argument("--mode", choices=["same", "eval", "train"], default="same",
               help="training flags for the run: same (each module keeps its own; default), "
                    "eval or train")
-    @argument("--dtypes", metavar="DTYPES",
-              help="dtypes of shape inputs, comma-separated (e.g. long,float or "
-                   "torch.LongTensor); integer inputs are zeros, floating ones random")
     @argument("--depth", type=int, default=None, help="deepest module level shown (default 3)")
     @argument("model", metavar="MODEL", help="an nn.Module (any expression)")
     @argument("inputs", nargs="*", metavar="INPUTS",
@@ -131,32 +88,13 @@ class SummaryMagics(TorchMagics):
                              "(see %summary? for every option)")
         args = parse(self.summary, line)
         result = None
-        with user_errors("%summary"), _flag_names():
+        with user_errors("%summary"), flag_names():
             model = self.evaluate(args.model, "model")
-            shapes, values = self.parse_inputs(args.inputs)
+            values, given = self.model_inputs(args)
             depth = self.cfg.depth if args.depth is None else args.depth
-            dtypes = [d for d in args.dtypes.split(",") if d.strip()] if args.dtypes else None
-            if dtypes and not shapes:
-                raise TorchMagicError("--dtypes applies to shape inputs like (2,16); tensors keep "
-                                      "their own dtype")
-            if args.batch_dim is not None and not shapes:
-                raise TorchMagicError("--batch-dim applies to shape inputs given without their "
-                                      "batch dimension, like (3,224,224)")
-            pos = kw = None
-            if args.args is not None:
-                if shapes or [v for v in values if not isinstance(v, dict)]:
-                    raise TorchMagicError("give positional inputs either as INPUTS or with "
-                                          "--args, not both")
-                pos = self.evaluate(args.args, "--args")
-            if args.kwargs is not None:
-                kw = self.evaluate(args.kwargs, "--kwargs")
-            if pos is not None and values:  # name=EXPR keywords beside --args
-                kw = {**(kw or {}), **values.pop()}
             self.check_output_name(args.output)  # before anything runs or changes
             try:
-                result = summary(model, *values, args=pos, kwargs=kw, input_size=shapes,
-                                 dtypes=dtypes, batch_dim=args.batch_dim, depth=depth,
-                                 mode=args.mode, device=args.device, meta=args.meta,
+                result = summary(model, *values, **given, depth=depth, mode=args.mode, device=args.device, meta=args.meta,
                                  columns=args.columns, torchinfo=args.torchinfo,
                                  memory=args.memory)
             except ForwardError as exc:
