@@ -10,26 +10,32 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
 
-def cells(text: str) -> list[tuple[str, bool]]:
-    out: list[tuple[str, bool]] = []
+def cells(text: str, with_volatile: bool = False) -> list[Any]:
+    """``(source, expect_error)`` per cell (``(source, expect_error, volatile)`` with
+    ``with_volatile``): a ``# %% volatile`` marker says the output holds this machine's timings
+    or memory figures (examples/readme_tour.py compares such cells loosely)."""
+    out: list[tuple[str, bool, bool]] = []
     cur: list[str] = []
-    expect_error = False
+    marker = ""
     for line in text.splitlines():
         if line.startswith("# %%"):
             if "".join(cur).strip():
-                out.append(("\n".join(cur).strip("\n"), expect_error))
-            cur, expect_error = [], "expect-error" in line
+                out.append(("\n".join(cur).strip("\n"), "expect-error" in marker,
+                            "volatile" in marker))
+            cur, marker = [], line
         else:
             cur.append(line)
     if "".join(cur).strip():
-        out.append(("\n".join(cur).strip("\n"), expect_error))
+        out.append(("\n".join(cur).strip("\n"), "expect-error" in marker, "volatile" in marker))
     # A block of comments only (the file's header) is not a cell.
-    return [(src, e) for src, e in out
-            if any(line.strip() and not line.lstrip().startswith("#") for line in src.splitlines())]
+    kept = [c for c in out
+            if any(line.strip() and not line.lstrip().startswith("#") for line in c[0].splitlines())]
+    return kept if with_volatile else [(src, e) for src, e, _ in kept]
 
 
 def main(path: Path = HERE / "tour.ipy", markdown: bool = False) -> int:
