@@ -189,13 +189,16 @@ def test_watch_unwatch_reload_counts(ip):
     _, shown = run(ip, "gpumem --unwatch")
     assert "was not on" in shown
     run(ip, "gpumem --watch")
-    ip.run_line_magic("reload_ext", "torchmagic")
-    assert _n_callbacks(ip) == base  # unload removed them; reload did not double them
+    _, shown = run(ip, "reload_ext torchmagic")
+    assert "kept %gpumem --watch" in shown  # issue 11: a reload keeps --watch on, and says so
+    assert _n_callbacks(ip) == (base[0] + 1, base[1] + 1)  # never doubled
     run(ip, "gpumem --watch")
     ip.run_line_magic("reload_ext", "torchmagic")
     ip.run_line_magic("reload_ext", "torchmagic")
     run(ip, "gpumem --watch")
     assert _n_callbacks(ip) == (base[0] + 1, base[1] + 1)
+    r = ip.run_cell("%reload_ext torchmagic")  # inside a watched cell: that cell is reported
+    assert r.success and _watcher(ip).stack == []
     ip.run_line_magic("unload_ext", "torchmagic")
     assert _n_callbacks(ip) == base
     ip.run_line_magic("load_ext", "torchmagic")
