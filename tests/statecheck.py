@@ -94,8 +94,13 @@ def _deep(obj: Any, depth: int = 0, seen: set[int] | None = None, budget: list[i
                       for t in [*obj.parameters(), *obj.buffers()]),
                 tuple(_deep(m, depth + 1, seen, budget) for m in obj.children()))
     if isinstance(obj, torch.optim.Optimizer):
-        return ("optimizer", id(obj), _deep(obj.state_dict(), depth + 1, seen, budget),
-                tuple(id(p) for g in obj.param_groups for p in g["params"]))
+        state = tuple((i, tuple((k, _deep(v, depth + 1, seen, budget)) for k, v in st.items()))
+                      for i, st in enumerate(obj.state.values()))
+        groups = tuple(tuple((k, _deep(v, depth + 1, seen, budget)) for k, v in g.items()
+                             if k != "params") for g in obj.param_groups)
+        return ("optimizer", id(obj), state, groups,
+                tuple(id(p) for g in obj.param_groups for p in g["params"]),
+                tuple(id(p) for p in obj.state))
     if isinstance(obj, dict):
         return ("dict", id(obj), tuple((_deep(k, depth + 1, seen, budget),
                                         _deep(v, depth + 1, seen, budget))
