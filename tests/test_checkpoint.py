@@ -150,7 +150,8 @@ def test_interrupted_save_keeps_old_file(tmp_path, monkeypatch, exc):
         raise exc("interrupted in the middle of the write")
 
     monkeypatch.setattr(torch, "save", partial_save)
-    with pytest.raises(exc):
+    # Ctrl-C stays Ctrl-C; torch's own errors (a full disk, ...) are one line (issue 11)
+    with pytest.raises(KeyboardInterrupt if exc is KeyboardInterrupt else TorchMagicError):
         save_checkpoint(other(), path)
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before  # the old checkpoint is intact
@@ -538,3 +539,306 @@ def test_unsafe_load_of_a_non_state_dict_still_says_code_ran(tmp_path) -> None:
     with pytest.raises(TorchMagicError) as safe:
         load_checkpoint(torch.nn.Linear(2, 2), path)
     assert "weights_only=False" not in str(safe.value)
+
+
+# -- issue 11: all-or-nothing loads -----------------------------------------------------------------
+def _model_and_adam():
+    model = other()
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(5, 4)).sum().backward()
+    adam.step()
+    return model, adam
+
+
+def _refused_unchanged(ip, tmp_path, model, opt, payload, words):
+    path = tmp_path / "c.pt"
+    torch.save(payload, path)
+    ip.user_ns.update(model=model, opt=opt)
+    snap = Snapshot.take(model, opt=opt)
+    msg = usage_error(ip, f"checkpoint load model {path}" + (" --optimizer opt" if opt else ""))
+    assert words in msg, msg
+    assert "partly loaded" not in msg
+    snap.assert_unchanged()
+    return msg
+
+
+def test_sgd_momentum_state_into_adam_is_refused_before_anything_changes(ip, tmp_path):
+    src = small()
+    sgd = torch.optim.SGD(src.parameters(), lr=0.1, momentum=0.9)
+    src(torch.randn(5, 4)).sum().backward()
+    sgd.step()
+    model, adam = _model_and_adam()
+    msg = _refused_unchanged(ip, tmp_path, model, adam,
+                             {"model": src.state_dict(), "optimizer": sgd.state_dict()},
+                             "cannot take the checkpoint's optimizer state")
+    assert "another optimizer class" in msg
+
+
+def test_optimizer_state_that_is_a_list_is_refused(ip, tmp_path):
+    src = small()
+    model, adam = _model_and_adam()
+    bad = adam.state_dict()
+    bad["state"] = list(bad["state"].values())
+    _refused_unchanged(ip, tmp_path, model, adam, {"model": src.state_dict(), "optimizer": bad},
+                       "optimizer state is list")
+
+
+def test_optimizer_state_of_another_model_is_refused(ip, tmp_path):
+    """As many tensors, other shapes: reported as loaded before, then opt.step() failed."""
+    src = small()
+    model, adam = _model_and_adam()
+    shuffled = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    # the same number of parameters (4 + 2 BN), in another order: shapes differ per index
+    params = [shuffled[3].weight, shuffled[3].bias, shuffled[0].weight, shuffled[0].bias,
+              shuffled[1].weight, shuffled[1].bias]
+    other_adam = torch.optim.Adam(params, lr=0.01)
+    shuffled(torch.randn(5, 4)).sum().backward()
+    other_adam.step()
+    msg = _refused_unchanged(ip, tmp_path, model, adam,
+                             {"model": src.state_dict(), "optimizer": other_adam.state_dict()},
+                             "state saved for another model")
+    assert "has shape (2, 8)" in msg
+
+
+def test_optimizer_groups_without_lr_or_betas_are_refused(ip, tmp_path):
+    src = small()
+    model, adam = _model_and_adam()
+    bad = adam.state_dict()
+    for g in bad["param_groups"]:
+        del g["lr"], g["betas"]
+    msg = _refused_unchanged(ip, tmp_path, model, adam,
+                             {"model": src.state_dict(), "optimizer": bad}, "lacks betas, lr")
+    assert "needs to step" in msg
+    model(torch.randn(5, 4)).sum().backward()
+    adam.step()  # the real optimizer still works
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # quantized tensors are deprecated
+@pytest.mark.parametrize("make,words", [
+    (lambda t: t.to_sparse(), "sparse_coo layout"),
+    (lambda t: torch.empty_like(t, device="meta"), "a meta tensor"),
+    (lambda t: torch.quantize_per_tensor(t.float(), 0.1, 0, torch.quint8), "quantized tensor"),
+], ids=["sparse", "meta", "quantized"])
+def test_last_tensor_that_cannot_be_copied_is_refused_first(ip, tmp_path, make, words):
+    state = small().state_dict()
+    last = list(state)[-3]  # 3.weight: a float parameter near the end
+    state[last] = make(state[last])
+    model = other()
+    _refused_unchanged(ip, tmp_path, model, None, state, words)
+
+
+class FailsForReal(nn.Linear):
+    """Loads fine on the meta twin, fails half-way on the real model (after other modules)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
+        if not self.weight.is_meta:
+            raise RuntimeError("the disk went away")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def test_failure_half_way_puts_model_and_optimizer_back_bitwise(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.manual_seed(4)
+    save_checkpoint(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), path)
+    model = nn.Sequential(nn.Linear(4, 4), FailsForReal(4, 4))
+    snap = Snapshot.take(model)
+    with pytest.raises(TorchMagicError) as err:
+        load_checkpoint(model, path)
+    assert "put back as they were" in str(err.value) and "the disk went away" in str(err.value)
+    snap.assert_unchanged()  # model[0] had been loaded: it is back
+
+
+def test_optimizer_failure_after_the_model_loaded_is_undone(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    src = small()
+    src_opt = torch.optim.Adam(src.parameters())
+    src(torch.randn(5, 4)).sum().backward()
+    src_opt.step()
+    save_checkpoint(src, path, optimizer=src_opt)
+    model, adam = _model_and_adam()
+    snap = Snapshot.take(model, adam=adam)
+
+    def broken(state):
+        adam.state.clear()  # half-way: the state is already gone when it fails
+        raise RuntimeError("half-way")
+
+    monkeypatch.setattr(adam, "load_state_dict", broken)
+    with pytest.raises(TorchMagicError, match="put back as they were"):
+        load_checkpoint(model, path, optimizer=adam)
+    monkeypatch.undo()
+    snap.assert_unchanged()
+
+
+def test_good_optimizer_load_still_works(tmp_path):
+    path = tmp_path / "c.pt"
+    src = small()
+    src_opt = torch.optim.AdamW(src.parameters(), lr=0.02)
+    src(torch.randn(5, 4)).sum().backward()
+    src_opt.step()
+    save_checkpoint(src, path, optimizer=src_opt)
+    model, adam = other(), torch.optim.AdamW(other().parameters())
+    adam = torch.optim.AdamW(model.parameters())
+    load_checkpoint(model, path, optimizer=adam)
+    assert adam.param_groups[0]["lr"] == 0.02
+    assert torch.equal(adam.state[model[0].weight]["exp_avg"], src_opt.state[src[0].weight]["exp_avg"])
+
+
+# -- issue 11: what the file is ----------------------------------------------------------------------
+def _files(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(small().state_dict(), good)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(small().state_dict(), legacy, _use_new_zipfile_serialization=False)
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+    (tmp_path / "text.pt").write_text("epoch 3, loss 0.1\n")
+    (tmp_path / "pk.pt").write_bytes(b"PK" + bytes(range(200)))
+    (tmp_path / "rand.pt").write_bytes(b"\x80\x02" + bytes((i * 37 + 11) % 256 for i in range(300)))
+    (tmp_path / "cut_legacy.pt").write_bytes(legacy.read_bytes()[: legacy.stat().st_size // 2])
+    return {
+        "text.pt": "is not a torch.save checkpoint (a text file",
+        "pk.pt": "truncated or corrupt",
+        "other.zip": "a zip archive but not a torch.save checkpoint (no data.pkl inside",
+        "rand.pt": "is corrupt or truncated",
+        "cut_legacy.pt": "ends too early (a truncated legacy",
+    }
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(ip, tmp_path):
+    files = _files(tmp_path)
+    ip.user_ns["model"] = other()
+    snap = Snapshot.take(ip.user_ns["model"])
+    for name, words in files.items():
+        msg = usage_error(ip, f"checkpoint load model {tmp_path / name}")
+        assert words in msg, (name, msg)
+        assert "arbitrary code" not in msg and "Error: pop" not in msg, (name, msg)
+    msg = usage_error(ip, "checkpoint load model /dev/zero")
+    assert "not a regular file: it is a character device" in msg
+    snap.assert_unchanged()
+
+
+FIFO_CHILD = r"""
+import os, sys, torch, torch.nn as nn
+from torchmagic.core.checkpoint import load_checkpoint, save_checkpoint
+path = sys.argv[1]
+os.mkfifo(path)
+for fn in (lambda: load_checkpoint(nn.Linear(2, 2), path),
+           lambda: save_checkpoint(nn.Linear(2, 2), path)):
+    try:
+        fn()
+    except Exception as exc:
+        print(type(exc).__name__, exc)
+"""
+
+
+def test_fifo_is_refused_without_being_opened(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", FIFO_CHILD, str(tmp_path / "pipe")],
+                          capture_output=True, text=True, timeout=60)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, (proc.stdout, proc.stderr[-500:])
+    assert "is not a regular file: it is a FIFO" in lines[0]
+    assert "not a regular file" in lines[1] and "nothing was written" in lines[1]
+
+
+# -- issue 11: saves that fail say so in one line; symlinks --------------------------------------------
+def test_unpicklable_extras_and_buffers_are_one_line_and_keep_the_old_file(ip, tmp_path):
+    path = tmp_path / "c.pt"
+    model = small()
+    save_checkpoint(model, path)
+    before = path.read_bytes()
+    ip.user_ns.update(model=model, gen=(i for i in range(3)), fn=lambda x: x)
+    assert "--extra g is a generator, which pickle cannot write" in usage_error(
+        ip, f"checkpoint save model {path} --extra g=gen")
+    assert "--extra f is a function" in usage_error(ip, f"checkpoint save model {path} --extra f=fn")
+    model.register_buffer("fast", torch.zeros(2, 3).to_mkldnn())
+    assert "model.fast is _mkldnn layout, which torch.save cannot write" in usage_error(
+        ip, f"checkpoint save model {path}")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+class _Failing:
+    """A file object whose writes fail like a full disk (or send Ctrl-C to the process)."""
+
+    def __init__(self, f, how):  # noqa: ANN001
+        self.f, self.how, self.n = f, how, 0
+
+    def write(self, data):  # noqa: ANN001
+        self.n += 1
+        if self.n > 2:
+            if self.how == "sigint":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise OSError(28, "No space left on device")
+        return self.f.write(data)
+
+    def __getattr__(self, name):  # noqa: ANN001
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # noqa: ANN002
+        return self.f.__exit__(*exc)
+
+
+@pytest.mark.parametrize("how", ["full", "sigint"])
+def test_full_disk_and_ctrl_c_inside_torch_writer(tmp_path, monkeypatch, how):
+    import torchmagic.core.checkpoint_io as cio
+
+    path = tmp_path / "c.pt"
+    save_checkpoint(small(), path)
+    before = path.read_bytes()
+    real = os.fdopen
+    monkeypatch.setattr(cio.os, "fdopen", lambda fd, mode: _Failing(real(fd, mode), how))
+    big = nn.Linear(256, 256)
+    if how == "full":
+        with pytest.raises(TorchMagicError, match="the write failed"):
+            save_checkpoint(big, path)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(big, path)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_extra_whose_repr_raises_is_shown(ip, tmp_path):
+    class Shy:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+        def __reduce__(self):
+            return (int, (3,))
+
+    ip.user_ns.update(model=small(), w=Shy())
+    _, shown = run(ip, f"checkpoint save model {tmp_path / 'c.pt'} --extra w=w")
+    assert "w=<Shy>" in shown
+
+
+def test_save_through_a_symlink_replaces_its_target_atomically(tmp_path):
+    real = tmp_path / "store" / "real.pt"
+    real.parent.mkdir()
+    save_checkpoint(small(), real)
+    link = tmp_path / "latest.pt"
+    link.symlink_to(real)
+    save_checkpoint(other(), link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert same_values(other(), _loaded(real))
+    assert sorted(p.name for p in real.parent.iterdir()) == ["real.pt"]  # no temp file left
+    dangling = tmp_path / "new.pt"
+    dangling.symlink_to(tmp_path / "store" / "fresh.pt")
+    save_checkpoint(small(), dangling)
+    assert dangling.is_symlink() and same_values(small(), _loaded(tmp_path / "store" / "fresh.pt"))
+
+
+def test_device_node_target_is_refused(tmp_path):
+    with pytest.raises(TorchMagicError, match="not a regular file"):
+        save_checkpoint(small(), "/dev/null")
+    link = tmp_path / "null.pt"
+    link.symlink_to("/dev/null")
+    with pytest.raises(TorchMagicError, match="not a regular file"):
+        save_checkpoint(small(), link)
+    assert link.is_symlink()

@@ -293,13 +293,16 @@ class Isolation:
 _LIBRARY_ROOTS = ("torch", "torchmagic", "numpy", "functools", "operator", "math")
 
 
+_SHARED_CALLABLES = {"OpOverloadPacket", "OpOverload", "CustomOpDef", "HigherOrderOperator",
+                     "_OpNamespace", "ufunc", "_ParamSpecVariable"}
+
+
 def _library_callable(obj: Any) -> bool:
-    """A callable object of a library (a torch op, a custom op, a ufunc): stateless, shared."""
-    if not callable(obj) or isinstance(obj, (nn.Module, torch.optim.Optimizer, type,
-                                             functools.partial, types.MethodType,
-                                             types.FunctionType)):
-        return False
-    return type(obj).__module__.split(".")[0] in _LIBRARY_ROOTS
+    """A library's operator object (a torch op, a custom op, a numpy ufunc): stateless, shared.
+    Other library callables are copied like any object (a module hook wrapper holds a reference
+    to its module, which the twin must not share)."""
+    cls = type(obj)
+    return cls.__name__ in _SHARED_CALLABLES and cls.__module__.split(".")[0] in _LIBRARY_ROOTS
 
 
 _ENVIRONMENT_ROOTS = ("IPython", "ipykernel", "traitlets", "zmq", "tornado", "jupyter_client",
