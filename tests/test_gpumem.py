@@ -553,6 +553,7 @@ def test_top_with_nested_sparse_quantized_and_subclass_tensors_alive(ip):
     ip.user_ns["nt"] = nt
     run(ip, "gpumem --top 50 -o top")
     entries = {e.name: e for e in ip.user_ns["top"].entries}
-    assert entries["nt"].bytes == 800 * 100 * 4  # its values buffer
+    # its values buffer plus its sizes (2 components x 2 dims, int64)
+    assert entries["nt"].bytes == 800 * 100 * 4 + 2 * 2 * 8
     assert entries["nt"].shape == (2, "ragged", 100)
     del hidden
