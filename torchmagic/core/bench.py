@@ -138,8 +138,10 @@ def cell_error(exc: BaseException, cell: CompiledCell | None,
     module = None
     shapes = None
     for frame, _ in traceback.walk_tb(tb):
+        if frame.f_code.co_name != "forward":  # (f_locals of other frames is never made)
+            continue
         obj = frame.f_locals.get("self")
-        if isinstance(obj, nn.Module) and frame.f_code.co_name == "forward":
+        if isinstance(obj, nn.Module):
             module = obj
             code = frame.f_code
             args = [frame.f_locals.get(n) for n in code.co_varnames[1:code.co_argcount]]
@@ -318,7 +320,11 @@ def benchmark(code: str | Callable[[], Any], namespace: Mapping[str, Any] | None
                 method = (f"blocked_autorange(min_run_time={min_time:g} s): blocks of "
                           f"{m.number_per_run} run{'s' if m.number_per_run > 1 else ''}")
         except Exception as exc:  # noqa: BLE001 - the user's code failed; KeyboardInterrupt passes
-            raise cell_error(exc, cell, namespace) from None
+            err = cell_error(exc, cell, namespace)
+            # The cell's frames (kept by the traceback the user sees) have the copy as their
+            # globals: empty it, so that the traceback keeps no object the notebook deleted.
+            ns.clear()
+            raise err from None
         finally:
             torch.set_num_threads(prior)
     total = time.perf_counter() - start
