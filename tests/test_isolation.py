@@ -240,3 +240,15 @@ def test_twins_in_one_run_stay_consistent(ip):
         "c = adam.param_groups[0]['params'][0] is net[0].weight\nd = sched.optimizer is adam")
     rep = ip.user_ns.pop("rep")
     assert [rep.value(k).value for k in "abcd"] == ["True"] * 4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_tensor_without_a_meta_form_is_refused_naming_it(ip):
+    qnet = nn.Linear(4, 4)
+    qnet.register_buffer("q", torch.quantize_per_tensor(torch.zeros(4), 0.1, 0, torch.quint8))
+    ip.user_ns["qnet"] = qnet
+    with pytest.raises(UsageError) as info:
+        run(ip, "meta_shape", "y = qnet(torch.randn(2, 4))")
+    msg = str(info.value)
+    assert "qnet.q is quantized tensor (quint8, per_tensor_affine), which has no meta form" in msg
+    assert "nothing was run" in msg

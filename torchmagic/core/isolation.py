@@ -131,11 +131,21 @@ class Isolation:
         self.memo[id(obj)] = twin
         self.keep.append(obj)
 
-    def tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """The twin of tensor ``t`` (made once)."""
+    def tensor(self, t: torch.Tensor, path: str = "") -> torch.Tensor:
+        """The twin of tensor ``t`` (made once). Raises :class:`IsolationError` naming ``path``
+        when ``convert`` cannot make one (a quantized tensor has no meta form)."""
         out = self.memo.get(id(t))
         if out is None:
-            out = self.convert(t)
+            try:
+                out = self.convert(t)
+            except Exception as exc:  # noqa: BLE001 - named, one line
+                from torchmagic.core import access
+
+                why = " ".join(str(exc).split())[:100]
+                raise IsolationError(
+                    f"cannot make a {self.label} twin: {path or 'a tensor'} is "
+                    f"{access.describe(t)}, which has no {self.label} form ({type(exc).__name__}: "
+                    f"{why}); nothing was run") from None
             self.memo[id(t)] = out
             self.keep.append(t)
             self.converted += 1
@@ -194,7 +204,7 @@ class Isolation:
         if isinstance(obj, ATOMS) or id(obj) in self.memo:
             return
         if isinstance(obj, torch.Tensor):
-            self.tensor(obj)
+            self.tensor(obj, path)
             return
         if id(obj) in self._seen:
             return

@@ -62,12 +62,20 @@ def twin(model: nn.Module, convert: Any = meta_tensor, *, isolation: Isolation |
     when some part of the model cannot be copied and must not be shared.
     """
     iso = isolation if isolation is not None else Isolation(convert, _label(convert))
-    for key, value in tensor_memo(model, iso.convert).items():
+    name = name or type(model).__name__
+    try:
+        memo = tensor_memo(model, iso.convert)
+    except Exception:  # noqa: BLE001 - find the tensor that cannot be converted, and name it
+        for tname, t in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+            iso.tensor(t, f"{name}.{tname}")
+        raise
+    for key, value in memo.items():
         if key not in iso.memo:
             iso.memo[key] = value
             iso.converted += 1
     iso.keep.append(model)  # its tensors, whose ids are memo keys, stay alive as long as iso
-    return iso.copy(model, name or type(model).__name__)
+    return iso.copy(model, name)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
