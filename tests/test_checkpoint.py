@@ -842,3 +842,20 @@ def test_device_node_target_is_refused(tmp_path):
     with pytest.raises(TorchMagicError, match="not a regular file"):
         save_checkpoint(small(), link)
     assert link.is_symlink()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested tensors are a prototype
+def test_file_holding_a_nested_tensor(ip, tmp_path):
+    nt = torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+    model = nn.Linear(2, 3)
+    state = model.state_dict()
+    state["weight"] = nt
+    torch.save(state, tmp_path / "in_state.pt")
+    torch.save({"model": nn.Linear(2, 3).state_dict(), "nt": nt}, tmp_path / "in_extras.pt")
+    ip.user_ns["model"] = model
+    snap = Snapshot.take(model)
+    with pytest.raises(UsageError, match="1 shape mismatch"):
+        run(ip, f"checkpoint load model {tmp_path / 'in_state.pt'}")
+    snap.assert_unchanged()
+    _, shown = run(ip, f"checkpoint load model {tmp_path / 'in_extras.pt'}")
+    assert "nt=tensor(2, 'ragged')" in shown

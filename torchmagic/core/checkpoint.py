@@ -407,8 +407,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
     for k, v in state.items():
         mine = own.get(k)
         if isinstance(mine, torch.Tensor) and isinstance(v, torch.Tensor):
-            if tuple(mine.shape) != tuple(v.shape):
-                mismatched.append(KeyMismatch(k, tuple(v.shape), tuple(mine.shape)))
+            if access.shape(mine) != access.shape(v):
+                mismatched.append(KeyMismatch(k, access.shape(v), access.shape(mine)))
             elif mine.dtype != v.dtype:
                 casts[f"{v.dtype} -> {mine.dtype}".replace("torch.", "")] += 1
     ckpt_tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
