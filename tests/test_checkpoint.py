@@ -542,12 +542,16 @@ def test_unsafe_load_of_a_non_state_dict_still_says_code_ran(tmp_path) -> None:
 
 
 # -- issue 11: all-or-nothing loads -----------------------------------------------------------------
-def _model_and_adam():
-    model = other()
-    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+def _stepped(model: nn.Module, params=None, cls=torch.optim.Adam, **kw):  # noqa: ANN001
+    """``model`` and an optimizer over ``params`` (default: its parameters) after one step."""
+    opt = cls(model.parameters() if params is None else params, **{"lr": 0.01, **kw})
     model(torch.randn(5, 4)).sum().backward()
-    adam.step()
-    return model, adam
+    opt.step()
+    return model, opt
+
+
+def _model_and_adam():
+    return _stepped(other())
 
 
 def _refused_unchanged(ip, tmp_path, model, opt, payload, words):
@@ -562,55 +566,44 @@ def _refused_unchanged(ip, tmp_path, model, opt, payload, words):
     return msg
 
 
-def test_sgd_momentum_state_into_adam_is_refused_before_anything_changes(ip, tmp_path):
-    src = small()
-    sgd = torch.optim.SGD(src.parameters(), lr=0.1, momentum=0.9)
-    src(torch.randn(5, 4)).sum().backward()
-    sgd.step()
-    model, adam = _model_and_adam()
-    msg = _refused_unchanged(ip, tmp_path, model, adam,
-                             {"model": src.state_dict(), "optimizer": sgd.state_dict()},
-                             "cannot take the checkpoint's optimizer state")
-    assert "another optimizer class" in msg
+def _sgd_momentum_state(adam):  # noqa: ANN001
+    return _stepped(small(), cls=torch.optim.SGD, momentum=0.9)[1].state_dict()
 
 
-def test_optimizer_state_that_is_a_list_is_refused(ip, tmp_path):
-    src = small()
-    model, adam = _model_and_adam()
+def _state_as_list(adam):  # noqa: ANN001
     bad = adam.state_dict()
     bad["state"] = list(bad["state"].values())
-    _refused_unchanged(ip, tmp_path, model, adam, {"model": src.state_dict(), "optimizer": bad},
-                       "optimizer state is list")
+    return bad
 
 
-def test_optimizer_state_of_another_model_is_refused(ip, tmp_path):
-    """As many tensors, other shapes: reported as loaded before, then opt.step() failed."""
-    src = small()
-    model, adam = _model_and_adam()
+def _state_of_another_model(adam):  # noqa: ANN001
+    """As many tensors, other shapes (reported as loaded before, then opt.step() failed)."""
     shuffled = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
     # the same number of parameters (4 + 2 BN), in another order: shapes differ per index
     params = [shuffled[3].weight, shuffled[3].bias, shuffled[0].weight, shuffled[0].bias,
               shuffled[1].weight, shuffled[1].bias]
-    other_adam = torch.optim.Adam(params, lr=0.01)
-    shuffled(torch.randn(5, 4)).sum().backward()
-    other_adam.step()
-    msg = _refused_unchanged(ip, tmp_path, model, adam,
-                             {"model": src.state_dict(), "optimizer": other_adam.state_dict()},
-                             "state saved for another model")
-    assert "has shape (2, 8)" in msg
+    return _stepped(shuffled, params)[1].state_dict()
 
 
-def test_optimizer_groups_without_lr_or_betas_are_refused(ip, tmp_path):
-    src = small()
-    model, adam = _model_and_adam()
+def _groups_without_lr_and_betas(adam):  # noqa: ANN001
     bad = adam.state_dict()
     for g in bad["param_groups"]:
         del g["lr"], g["betas"]
-    msg = _refused_unchanged(ip, tmp_path, model, adam,
-                             {"model": src.state_dict(), "optimizer": bad}, "lacks betas, lr")
-    assert "needs to step" in msg
+    return bad
+
+
+@pytest.mark.parametrize("payload,words", [
+    (_sgd_momentum_state, "cannot take the checkpoint's optimizer state (KeyError"),
+    (_state_as_list, "optimizer state is list, not a dict"),
+    (_state_of_another_model, "state saved for another model"),
+    (_groups_without_lr_and_betas, "lacks betas, lr, which opt (Adam) needs to step"),
+], ids=["sgd-momentum-into-adam", "state-list", "another-model", "no-lr-betas"])
+def test_bad_optimizer_state_is_refused_before_anything_changes(ip, tmp_path, payload, words):
+    model, adam = _model_and_adam()
+    _refused_unchanged(ip, tmp_path, model, adam,
+                       {"model": small().state_dict(), "optimizer": payload(adam)}, words)
     model(torch.randn(5, 4)).sum().backward()
-    adam.step()  # the real optimizer still works
+    adam.step()  # the real optimizer still steps
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # quantized tensors are deprecated
