@@ -852,3 +852,13 @@ def test_file_holding_a_nested_tensor(ip, tmp_path):
     snap.assert_unchanged()
     _, shown = run(ip, f"checkpoint load model {tmp_path / 'in_extras.pt'}")
     assert "nt=tensor(2, 'ragged')" in shown
+
+
+def test_failure_beyond_the_backup_budget_says_so(tmp_path, monkeypatch):
+    import torchmagic.core.checkpoint_check as check
+
+    monkeypatch.setattr(check, "BACKUP_BYTES", 16)
+    path = tmp_path / "c.pt"
+    save_checkpoint(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), path)
+    with pytest.raises(TorchMagicError, match="may be partly loaded .too large to back up"):
+        load_checkpoint(nn.Sequential(nn.Linear(4, 4), FailsForReal(4, 4)), path)

@@ -13,7 +13,8 @@ many tensors).
 
 :class:`Backup` keeps what the load may change: each module's parameter and buffer objects, the
 values of the tensors a copying load writes (CPU copies, within a memory budget) and the optimizer's
-state and groups; ``restore()`` puts them back bitwise.
+state and groups; ``restore()`` puts them back bitwise. The value copy is bounded
+(``BACKUP_BYTES``, 2 GiB): a bigger model is loaded after the same checks without it.
 """
 
 from __future__ import annotations
@@ -202,12 +203,17 @@ class Backup:
                 g.update(saved_group)
 
 
+#: The most bytes of tensor values a load backs up (on the CPU) to undo a half-way failure; a
+#: bigger model is loaded without that copy (after the same checks), and a failure says so.
+BACKUP_BYTES = 2 << 30
+
+
 def _budget() -> int:
-    """Bytes of CPU memory a backup may take: half of what is available."""
+    """Bytes of CPU memory a backup may take: BACKUP_BYTES, at most half of what is available."""
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available // 2)
+        return min(BACKUP_BYTES, int(psutil.virtual_memory().available // 2))
     except Exception:  # noqa: BLE001
         return 1 << 30
 
