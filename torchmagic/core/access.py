@@ -110,6 +110,15 @@ def kind(t: torch.Tensor) -> str:
     return "dense"
 
 
+def is_plain_dense(t: torch.Tensor) -> bool:
+    """The fast check for the common case: a plain ``Tensor``/``Parameter`` with readable strided
+    memory (what :func:`kind` calls ``"dense"``, without looking at subclasses). For per-op checks
+    (``%%detect_anomaly`` looks at every op's outputs)."""
+    cls = type(t)
+    return ((cls is torch.Tensor or cls is nn.Parameter) and t.layout == torch.strided
+            and not t.is_quantized and not t.is_nested and not t.is_meta and not _is_functional(t))
+
+
 def describe(t: torch.Tensor) -> str:
     """A few words on what ``t`` is: ``"quantized tensor (quint8, per_tensor_affine)"``..."""
     k = kind(t)
@@ -378,5 +387,5 @@ def same_fingerprint(a: Any, b: Any) -> bool:
 
 
 __all__ = ["SPARSE_LAYOUTS", "Span", "dedup_broadcast", "describe", "fingerprint", "inner_tensors",
-           "kind", "memory_bytes", "nbytes", "numel", "plain", "plain_ops", "same_fingerprint",
+           "is_plain_dense", "kind", "memory_bytes", "nbytes", "numel", "plain", "plain_ops", "same_fingerprint",
            "shape", "span", "storage_nbytes", "values_unknown", "version"]

@@ -65,8 +65,8 @@ def _op_info(func: Any) -> _OpInfo:
 def _checkable(t: Any) -> bool:
     """A plain floating tensor whose values can be read (never a nested, sparse, quantized,
     meta, fake or subclass tensor: reducing those would fail or mean something else)."""
-    return (isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, nn.Parameter)
-            and (t.is_floating_point() or t.is_complex()) and access.kind(t) == "dense")
+    return (isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+            and access.is_plain_dense(t))
 
 
 def _host_bad(t: torch.Tensor) -> bool:
