@@ -827,14 +827,29 @@ def test_save_through_a_symlink_replaces_its_target_atomically(tmp_path):
     assert dangling.is_symlink() and same_values(small(), _loaded(tmp_path / "store" / "fresh.pt"))
 
 
-def test_device_node_target_is_refused(tmp_path):
-    with pytest.raises(TorchMagicError, match="not a regular file"):
-        save_checkpoint(small(), "/dev/null")
-    link = tmp_path / "null.pt"
-    link.symlink_to("/dev/null")
-    with pytest.raises(TorchMagicError, match="not a regular file"):
-        save_checkpoint(small(), link)
-    assert link.is_symlink()
+def test_device_node_and_fifo_targets_are_refused(tmp_path):
+    """Never aimed at the real /dev/null: a broken save would replace it by a regular file (a
+    rename over a device node works for root). The nodes here live in tmp_path."""
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    targets = [fifo]
+    try:
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        targets.append(tmp_path / "null")
+    except (PermissionError, OSError):  # not root: the FIFO and its link are checked
+        pass
+    for target in targets:
+        link = tmp_path / f"{target.name}.pt"
+        link.symlink_to(target)
+        for path in (target, link):
+            with pytest.raises(TorchMagicError, match="not a regular file"):
+                save_checkpoint(small(), path)
+        kind = stat.S_IFMT(os.stat(target).st_mode)
+        assert kind in (stat.S_IFIFO, stat.S_IFCHR) and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [t.name for t in targets] + [f"{t.name}.pt" for t in targets])
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # nested tensors are a prototype

@@ -426,7 +426,9 @@ def test_nested_float8_and_sparse_tensors(ip):
     sp = torch.eye(10).to_sparse()
     ip.user_ns.update(n=n, j=j, f8=f8, f8n=f8n, sp=sp)
     _, shown = run(ip, "tensor n j -o nj")
-    assert "(2, ragged)" in shown and "(2, j1, 4)" in shown and "nested" in shown
+    import re
+
+    assert "(2, ragged)" in shown and re.search(r"\(2, j\d+, 4\)", shown) and "nested" in shown
     # statistics over every element of the components (from the values buffer)
     for info, parts in zip(ip.user_ns["nj"].items, (n.unbind(), j.unbind())):
         ref = torch.cat([p.reshape(-1) for p in parts])
