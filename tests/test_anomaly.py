@@ -449,6 +449,7 @@ def test_nan_from_an_inf_input_says_so(ip):
     assert "first op to produce NaN from inputs holding Inf" in shown
 
 
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
 @pytest.mark.parametrize("cell", [
     "torch.autograd.set_detect_anomaly(True)",
     "torch.autograd.set_detect_anomaly(True, check_nan=False)",

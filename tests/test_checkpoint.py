@@ -877,3 +877,19 @@ def test_failure_beyond_the_backup_budget_says_so(tmp_path, monkeypatch):
     save_checkpoint(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), path)
     with pytest.raises(TorchMagicError, match="may be partly loaded .too large to back up"):
         load_checkpoint(nn.Sequential(nn.Linear(4, 4), FailsForReal(4, 4)), path)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_half_way_failure_is_undone_bitwise(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.manual_seed(5)
+    save_checkpoint(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), path)
+    model = nn.Sequential(nn.Linear(4, 4), FailsForReal(4, 4)).cuda()
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4, device="cuda")).sum().backward()
+    adam.step()
+    snap = Snapshot.take(model, adam=adam)
+    with pytest.raises(TorchMagicError, match="put back as they were"):
+        load_checkpoint(model, path)
+    snap.assert_unchanged()

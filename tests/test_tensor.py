@@ -548,3 +548,15 @@ def test_functional_wrapper_values_are_read_through_it() -> None:
     info = tensor_info(t, "t")
     assert info.stats.inf == 1 and (info.stats.min, info.stats.max) == (1.0, 3.0)
     assert tensors({"t": t}).rows[0].flag == "Inf"
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_broadcast_and_layouts() -> None:
+    big = torch.tensor([1.0, float("nan")], device="cuda").expand(10**9, 2)
+    info = tensor_info(big, "big")
+    assert (info.stats.numel, info.stats.nan, info.stats.finite) == (2 * 10**9, 10**9, 10**9)
+    ns = {"big": big, "sp": torch.eye(3, device="cuda").to_sparse(),
+          "nt": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)], device="cuda")}
+    flags = {r.name: r.flag for r in tensors(ns).rows}
+    assert flags["big"] == "NaN" and flags["sp"] == "?" and flags["nt"] is None
