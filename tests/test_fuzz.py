@@ -20,10 +20,11 @@ SECONDS = 40
 
 
 @pytest.mark.slow
-def test_every_magic_survives_malformed_input():
+def test_every_magic_survives_malformed_input(tmp_path):
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run([sys.executable, os.path.join(here, "fuzz_magics.py"), str(SEED),
-                           str(SECONDS)], capture_output=True, text=True, timeout=SECONDS + 240)
+                           str(SECONDS)], capture_output=True, text=True, timeout=SECONDS + 240,
+                          cwd=tmp_path)  # the child also moves to its own temporary folder
     assert proc.returncode == 0, f"the fuzz child died (rc {proc.returncode}): {proc.stderr[-2000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not result["failures"], "\n".join(result["failures"])

@@ -83,6 +83,15 @@ def is_library_function(fn: types.FunctionType) -> bool:
     return hit
 
 
+def is_user_file(filename: str) -> bool:
+    """True for code the user wrote: a notebook cell, a cell torchmagic compiled, a user file
+    (not torch, torchmagic, the standard library or an installed package)."""
+    if filename.startswith("<"):
+        return not filename.startswith("<frozen")
+    real = os.path.realpath(filename)
+    return not any(real.startswith(d + os.sep) for d in _LIB_DIRS)
+
+
 def code_names(code: types.CodeType) -> set[str]:
     """Global names a code object (and the functions nested in it) may read."""
     out = set(code.co_names)
@@ -378,4 +387,5 @@ def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
     return out
 
 
-__all__ = ["ATOMS", "Isolation", "IsolationError", "code_names", "is_library_function"]
+__all__ = ["ATOMS", "Isolation", "IsolationError", "code_names", "is_library_function",
+           "is_user_file"]

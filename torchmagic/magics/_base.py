@@ -152,15 +152,19 @@ def strip_own_frames(exc: BaseException) -> BaseException:
     """Drop torchmagic's own frames from the traceback of the user's exception ``exc`` (in
     place; returns ``exc``) and forget their local variables: the exception a magic re-raises for
     the user's cell keeps the user's frames only, like a plain cell's, so it keeps nothing of
-    torchmagic's alive (a copy of the namespace, twins, the model). An exception raised in
-    torchmagic's own code (its innermost frame is ours: a bug) keeps its whole traceback."""
+    torchmagic's alive (a copy of the namespace, twins, the model). An exception that did not come
+    through the user's own code (no frame of a cell or a user file: a bug in torchmagic, or in
+    what it called) keeps its whole traceback."""
+    from torchmagic.core.isolation import is_user_file
+
     tb = exc.__traceback__
     kept: list[TracebackType] = []
     dropped: list[TracebackType] = []
     while tb is not None:
         (dropped if _own_frame(tb) else kept).append(tb)
         tb = tb.tb_next
-    if not dropped or not kept or _own_frame(_last(exc)):
+    if not dropped or _own_frame(_last(exc)) or not any(
+            is_user_file(t.tb_frame.f_code.co_filename) for t in kept):
         return exc
     for a, b in zip(kept, kept[1:]):
         a.tb_next = b
