@@ -171,8 +171,16 @@ def test_amp_on_off_callbacks_and_state(ip):
 def test_unload_and_reload_remove_callbacks(ip):
     ip.run_cell("%amp on")
     assert len(_ours(ip)) == 2
-    ip.run_line_magic("reload_ext", "torchmagic")
-    assert not _ours(ip)  # reload turned it off, never doubled
+    _, shown = run(ip, "reload_ext torchmagic")
+    assert "%reload_ext torchmagic: kept %amp on (cpu bfloat16)" in shown
+    assert len(_ours(ip)) == 2  # kept, never doubled
+    ip.run_cell("flag = torch.is_autocast_enabled('cpu')")
+    assert ip.user_ns["flag"] is True
+    ip.run_cell("%reload_ext torchmagic")  # from inside a cell that runs under autocast
+    ip.run_cell("flag = torch.is_autocast_enabled('cpu')")
+    assert ip.user_ns["flag"] is True and len(_ours(ip)) == 2
+    ip.run_cell("%amp off")
+    assert not _ours(ip) and not torch.is_autocast_enabled("cpu")
     ip.run_cell("%amp on")
     assert len(_ours(ip)) == 2
     ip.run_cell("flag = torch.is_autocast_enabled('cpu')")
@@ -252,3 +260,38 @@ def test_report_counts_floating_ops_and_names_a_nested_dtype(ip):
     assert "0 of 11 floating-point" in shown and "11 in float16 (a" in shown
     assert "nested autocast or explicit cast" in " ".join(shown.split())
     assert all(len(line) <= 100 for line in shown.splitlines()), shown
+
+
+# -- issue 11: %amp on/off nest with autocast regions in any order ----------------------------------
+NESTINGS = {
+    # cell sources run one after the other; then autocast must be as the user expects
+    "on inside %%amp": (["%%amp\nget_ipython().run_line_magic('amp', 'on')", "pass"], True),
+    "on then off inside %%amp": (["%amp on", "%%amp\nget_ipython().run_line_magic('amp', 'off')",
+                                  "pass"], False),
+    "on inside with autocast": (["with torch.autocast('cpu'):\n    get_ipython().run_line_magic("
+                                 "'amp', 'on')", "pass"], True),
+    "off inside with autocast": (["%amp on", "with torch.autocast('cpu'):\n"
+                                  "    get_ipython().run_line_magic('amp', 'off')", "pass"], False),
+    "unload inside %%amp": (["%amp on", "%%amp\nget_ipython().run_line_magic('unload_ext', "
+                             "'torchmagic')", "pass"], False),
+    "on inside %%amp then off": (["%%amp\nget_ipython().run_line_magic('amp', 'on')",
+                                  "%amp off", "pass"], False),
+    "off then cell": (["%amp on", "%amp off", "with torch.autocast('cpu'):\n    pass"], False),
+}
+
+
+@pytest.mark.parametrize("name", list(NESTINGS))
+def test_amp_on_off_nest_with_autocast_regions(ip, name):
+    cells, expect_on = NESTINGS[name]
+    _setup(ip)
+    try:
+        for cell in cells:
+            r = ip.run_cell(cell)
+            assert r.error_in_exec is None and r.error_before_exec is None, (cell, r)
+        r = ip.run_cell("flag = torch.is_autocast_enabled('cpu')")
+        assert ip.user_ns["flag"] is expect_on
+        ip.run_cell("get_ipython().run_line_magic('load_ext', 'torchmagic')\n%amp off")
+        assert not torch.is_autocast_enabled("cpu")  # and off when the user says so
+        assert not _ours(ip)  # nothing left registered
+    finally:
+        ip.run_line_magic("load_ext", "torchmagic")

@@ -11,6 +11,7 @@ import torch.nn as nn
 from conftest import requires_cuda, run
 from IPython.core.error import UsageError
 from statecheck import Snapshot
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchmagic.core.anomaly import find_anomaly
 
@@ -155,7 +156,7 @@ def test_attention_mask_is_not_an_anomaly_but_fully_masked_row_is(ip):
     _, shown = run(ip, "detect_anomaly",
                    "m = att.masked_fill(torch.ones(4, 4, dtype=torch.bool), float('-inf'))\n"
                    "p = torch.softmax(m, -1)")
-    assert "forward NaN born in aten._softmax at cell line 2" in shown
+    assert "forward NaN born in aten._softmax from inputs holding Inf at cell line 2" in shown
 
 
 def test_input_that_already_holds_nan(ip):
@@ -364,7 +365,7 @@ def test_device_deferred_path_on_cpu(monkeypatch):
     """The CUDA path (counts kept on the device, read once at the end) run on CPU tensors: same
     origin as the independent layer-by-layer reference, no per-op host read, and an in-place op on
     a tensor that already held NaN is not taken for the NaN's birth."""
-    from torchmagic.core import anomaly as core
+    from torchmagic.core import anomaly_check as core
 
     monkeypatch.setattr(core._Checker, "_deferred", staticmethod(lambda t: True))
 
@@ -391,3 +392,94 @@ def test_in_place_op_on_a_nan_tensor_is_not_the_birth():
     data = torch.tensor([float("nan"), 1.0, 2.0])
     rep = find_anomaly(lambda: data.mul_(2), namespace={})
     assert rep.origin.op == "aten.mul_" and rep.origin_kind == "input" and rep.births_total == 0
+
+
+# -- issue 11: the detector never blames itself and says what the inputs held -----------------------
+class _FirstNaN(TorchDispatchMode):
+    """Independent reference: every op whose output holds a NaN its inputs did not hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        flat = [t for t in torch.utils._pytree.tree_leaves(out)
+                if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+               if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if any(bool(torch.isnan(t).any()) for t in flat) and \
+                not any(bool(torch.isnan(t).any()) for t in ins):
+            self.ops.append(f"aten.{func.overloadpacket.__name__}")
+        return out
+
+
+def test_inf_in_a_llama_weight_blames_the_real_first_nan_not_the_detector(ip):
+    from torchmagic.models import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    llama = Llama(LlamaConfig(vocab_size=50, d_model=16, n_layer=2, n_head=2, n_kv_head=2,
+                              d_ff=32))
+    with torch.no_grad():
+        llama.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    ids = torch.randint(0, 50, (1, 6))
+    with _FirstNaN() as ref, torch.no_grad():
+        llama(ids)
+    assert ref.ops, "the planted Inf must produce a NaN somewhere"
+    def forward():
+        with torch.no_grad():
+            return llama(ids)
+
+    rep = find_anomaly(forward, namespace={"llama": llama}, first=8, backward=False)
+    nan_births = [e.op for e in rep.births if e.nan]
+    assert nan_births == ref.ops[: len(nan_births)]  # the same ops, in the same order
+    assert rep.origin.op == rep.births[0].op and "aten.sum" not in nan_births
+    ip.user_ns.update(llama=llama, ids=ids)
+    _, shown = run(ip, "detect_anomaly", "with torch.no_grad():\n    out = llama(ids)")
+    assert f"born in {rep.origin.op}" in shown and "born in aten.sum" not in shown
+
+
+def test_nan_from_an_inf_input_says_so(ip):
+    x = torch.tensor([0.0, float("inf")], requires_grad=True)
+    ip.user_ns["x"] = x
+    _, shown = run(ip, "detect_anomaly --no-backward", "y = torch.where(x < 1, torch.cos(x), 0)")
+    rep = find_anomaly(lambda: torch.where(x < 1, torch.cos(x), 0), backward=False)
+    assert rep.origin.op == "aten.cos" and rep.origin.input_inf and not rep.origin.input_nan
+    assert "from inputs holding Inf" in rep.summary and "from finite inputs" not in shown
+    assert "first op to produce NaN from inputs holding Inf" in shown
+
+
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+@pytest.mark.parametrize("cell", [
+    "torch.autograd.set_detect_anomaly(True)",
+    "torch.autograd.set_detect_anomaly(True, check_nan=False)",
+    "with torch.autograd.detect_anomaly():\n    pass",
+    "torch.autograd.set_detect_anomaly(False)",
+    "flag = torch.is_anomaly_enabled()",
+])
+@pytest.mark.parametrize("start", [False, True])
+def test_anomaly_mode_the_cell_sets_is_kept_like_a_plain_cell(ip, cell, start):
+    try:
+        torch.autograd.set_detect_anomaly(start)
+        ip.run_cell(cell)  # the plain cell: the reference
+        expected = (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled(),
+                    ip.user_ns.get("flag"))
+        torch.autograd.set_detect_anomaly(start)
+        run(ip, "detect_anomaly", cell)
+        got = (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled(),
+               ip.user_ns.get("flag"))
+        assert got == expected
+        assert torch.is_anomaly_enabled is torch._C.is_anomaly_enabled  # routing undone
+    finally:
+        torch.autograd.set_detect_anomaly(False)
+
+
+def test_cell_producing_a_nested_tensor(ip):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, shown = run(ip, "detect_anomaly",
+                       "nt = torch.nested.nested_tensor([torch.randn(2), torch.randn(3)])\n"
+                       "y = nt * 2")
+    assert shown.startswith("no NaN/Inf")

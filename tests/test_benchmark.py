@@ -227,3 +227,87 @@ def test_user_traceback_shows_user_frames_not_torchmagic_internals(ip, magic):
 
     pkg = tm.__file__.rsplit("/", 1)[0]
     assert pkg not in tb and "torchmagic/core" not in tb and "torchmagic/magics" not in tb, tb
+
+
+# -- issue 11 ---------------------------------------------------------------------------------------
+def test_min_time_is_bounded(ip):
+    for value in ("inf", "1e300", "601"):
+        msg = usage_error(ip, f"benchmark --min-time {value}", "1 + 1")
+        assert "too long" in msg and "at most 600" in msg and "-n N" in msg
+    assert "too long" in usage_error(ip, "benchmark --min-time inf 1 + 1")
+
+
+def test_writes_through_notebook_functions_and_user_ns_do_not_leak(ip):
+    r = ip.run_cell("counter = 0\ndef bump():\n    global counter\n    counter += 1\n"
+                    "    return counter")
+    assert r.success
+    _, shown = run(ip, "benchmark -n 3", "bump()\nget_ipython().user_ns['leak'] = 1\n"
+                   "get_ipython().user_ns['counter'] = -5")
+    assert ip.user_ns["counter"] == 0 and "leak" not in ip.user_ns
+    assert "undone" in shown and "leak" in shown
+
+
+SETTINGS_CELL = """
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True, warn_only=True)
+torch.set_float32_matmul_precision("medium")
+torch.backends.cudnn.benchmark = True
+torch.backends.cudnn.deterministic = True
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+"""
+
+
+@pytest.mark.parametrize("magic", ["benchmark -n 2", "meta_shape"])
+def test_global_settings_the_cell_changes_are_restored(ip, magic):
+    from torchmagic.core.state import GlobalState
+
+    before = GlobalState.capture()
+    threads = torch.get_num_threads()
+    run(ip, magic, SETTINGS_CELL)
+    assert before.diff(GlobalState.capture()) == []
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.allow_tf32 and not torch.backends.cudnn.deterministic
+
+
+def test_snapshot_helper_sees_each_global_setting():
+    """The snapshot helper notices every setting the cells above change (else those tests could
+    not fail), and nothing once it is put back."""
+    from torchmagic.core.state import GlobalState
+
+    before = GlobalState.capture()
+    for line in SETTINGS_CELL.strip().splitlines():
+        snap = Snapshot.take()
+        exec(line, {"torch": torch})  # noqa: S102
+        assert snap.differences(), line
+        before.restore()
+        snap.assert_unchanged()
+
+
+QUANTIZED_CHILD = r"""
+import warnings, torch, torch.nn as nn
+warnings.simplefilter("ignore")
+from IPython.testing.globalipapp import start_ipython
+ip = start_ipython()
+ip.run_line_magic("load_ext", "torchmagic")
+m = nn.Linear(2, 2)
+m.register_buffer("q", torch.quantize_per_tensor(torch.zeros(4), 0.1, 0, torch.quint8))
+m.register_buffer("s", torch.eye(3).to_sparse())
+m.register_buffer("k", torch.zeros(2, 3).to_mkldnn())
+ip.user_ns.update(m=m, torch=torch)
+ip.run_cell_magic("benchmark", "-n 2", "m.q = torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.quint8)")
+print("SURVIVED")
+"""
+
+
+def test_quantized_buffer_in_the_namespace_does_not_kill_the_kernel():
+    """The change watch read every buffer's bytes with view(torch.uint8): a segfault on a
+    quantized tensor. Run in a child process: a crash is a failed test, not a dead test run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", QUANTIZED_CHILD], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "SURVIVED" in proc.stdout, (proc.returncode, proc.stderr[-800:])
+    assert "benchmark: m.q = " in proc.stdout

@@ -150,7 +150,8 @@ def test_interrupted_save_keeps_old_file(tmp_path, monkeypatch, exc):
         raise exc("interrupted in the middle of the write")
 
     monkeypatch.setattr(torch, "save", partial_save)
-    with pytest.raises(exc):
+    # Ctrl-C stays Ctrl-C; torch's own errors (a full disk, ...) are one line (issue 11)
+    with pytest.raises(KeyboardInterrupt if exc is KeyboardInterrupt else TorchMagicError):
         save_checkpoint(other(), path)
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before  # the old checkpoint is intact
@@ -538,3 +539,357 @@ def test_unsafe_load_of_a_non_state_dict_still_says_code_ran(tmp_path) -> None:
     with pytest.raises(TorchMagicError) as safe:
         load_checkpoint(torch.nn.Linear(2, 2), path)
     assert "weights_only=False" not in str(safe.value)
+
+
+# -- issue 11: all-or-nothing loads -----------------------------------------------------------------
+def _stepped(model: nn.Module, params=None, cls=torch.optim.Adam, **kw):  # noqa: ANN001
+    """``model`` and an optimizer over ``params`` (default: its parameters) after one step."""
+    opt = cls(model.parameters() if params is None else params, **{"lr": 0.01, **kw})
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _model_and_adam():
+    return _stepped(other())
+
+
+def _refused_unchanged(ip, tmp_path, model, opt, payload, words):
+    path = tmp_path / "c.pt"
+    torch.save(payload, path)
+    ip.user_ns.update(model=model, opt=opt)
+    snap = Snapshot.take(model, opt=opt)
+    msg = usage_error(ip, f"checkpoint load model {path}" + (" --optimizer opt" if opt else ""))
+    assert words in msg, msg
+    assert "partly loaded" not in msg
+    snap.assert_unchanged()
+    return msg
+
+
+def _sgd_momentum_state(adam):  # noqa: ANN001
+    return _stepped(small(), cls=torch.optim.SGD, momentum=0.9)[1].state_dict()
+
+
+def _state_as_list(adam):  # noqa: ANN001
+    bad = adam.state_dict()
+    bad["state"] = list(bad["state"].values())
+    return bad
+
+
+def _state_of_another_model(adam):  # noqa: ANN001
+    """As many tensors, other shapes (reported as loaded before, then opt.step() failed)."""
+    shuffled = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    # the same number of parameters (4 + 2 BN), in another order: shapes differ per index
+    params = [shuffled[3].weight, shuffled[3].bias, shuffled[0].weight, shuffled[0].bias,
+              shuffled[1].weight, shuffled[1].bias]
+    return _stepped(shuffled, params)[1].state_dict()
+
+
+def _groups_without_lr_and_betas(adam):  # noqa: ANN001
+    bad = adam.state_dict()
+    for g in bad["param_groups"]:
+        del g["lr"], g["betas"]
+    return bad
+
+
+@pytest.mark.parametrize("payload,words", [
+    (_sgd_momentum_state, "cannot take the checkpoint's optimizer state (KeyError"),
+    (_state_as_list, "optimizer state is list, not a dict"),
+    (_state_of_another_model, "state saved for another model"),
+    (_groups_without_lr_and_betas, "lacks betas, lr, which opt (Adam) needs to step"),
+], ids=["sgd-momentum-into-adam", "state-list", "another-model", "no-lr-betas"])
+def test_bad_optimizer_state_is_refused_before_anything_changes(ip, tmp_path, payload, words):
+    model, adam = _model_and_adam()
+    _refused_unchanged(ip, tmp_path, model, adam,
+                       {"model": small().state_dict(), "optimizer": payload(adam)}, words)
+    model(torch.randn(5, 4)).sum().backward()
+    adam.step()  # the real optimizer still steps
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # quantized tensors are deprecated
+@pytest.mark.parametrize("make,words", [
+    (lambda t: t.to_sparse(), "sparse_coo layout"),
+    (lambda t: torch.empty_like(t, device="meta"), "a meta tensor"),
+    (lambda t: torch.quantize_per_tensor(t.float(), 0.1, 0, torch.quint8), "quantized tensor"),
+], ids=["sparse", "meta", "quantized"])
+def test_last_tensor_that_cannot_be_copied_is_refused_first(ip, tmp_path, make, words):
+    state = small().state_dict()
+    last = list(state)[-3]  # 3.weight: a float parameter near the end
+    state[last] = make(state[last])
+    model = other()
+    _refused_unchanged(ip, tmp_path, model, None, state, words)
+
+
+class FailsForReal(nn.Linear):
+    """Loads fine on the meta twin, fails half-way on the real model (after other modules)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
+        if not self.weight.is_meta:
+            raise RuntimeError("the disk went away")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def test_failure_half_way_puts_model_and_optimizer_back_bitwise(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.manual_seed(4)
+    save_checkpoint(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), path)
+    model = nn.Sequential(nn.Linear(4, 4), FailsForReal(4, 4))
+    snap = Snapshot.take(model)
+    with pytest.raises(TorchMagicError) as err:
+        load_checkpoint(model, path)
+    assert "put back as they were" in str(err.value) and "the disk went away" in str(err.value)
+    snap.assert_unchanged()  # model[0] had been loaded: it is back
+
+
+def test_optimizer_failure_after_the_model_loaded_is_undone(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    src = small()
+    src_opt = torch.optim.Adam(src.parameters())
+    src(torch.randn(5, 4)).sum().backward()
+    src_opt.step()
+    save_checkpoint(src, path, optimizer=src_opt)
+    model, adam = _model_and_adam()
+    snap = Snapshot.take(model, adam=adam)
+
+    def broken(state):
+        adam.state.clear()  # half-way: the state is already gone when it fails
+        raise RuntimeError("half-way")
+
+    monkeypatch.setattr(adam, "load_state_dict", broken)
+    with pytest.raises(TorchMagicError, match="put back as they were"):
+        load_checkpoint(model, path, optimizer=adam)
+    monkeypatch.undo()
+    snap.assert_unchanged()
+
+
+def test_good_optimizer_load_still_works(tmp_path):
+    path = tmp_path / "c.pt"
+    src = small()
+    src_opt = torch.optim.AdamW(src.parameters(), lr=0.02)
+    src(torch.randn(5, 4)).sum().backward()
+    src_opt.step()
+    save_checkpoint(src, path, optimizer=src_opt)
+    model, adam = other(), torch.optim.AdamW(other().parameters())
+    adam = torch.optim.AdamW(model.parameters())
+    load_checkpoint(model, path, optimizer=adam)
+    assert adam.param_groups[0]["lr"] == 0.02
+    assert torch.equal(adam.state[model[0].weight]["exp_avg"], src_opt.state[src[0].weight]["exp_avg"])
+
+
+# -- issue 11: what the file is ----------------------------------------------------------------------
+def _files(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(small().state_dict(), good)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(small().state_dict(), legacy, _use_new_zipfile_serialization=False)
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+    (tmp_path / "text.pt").write_text("epoch 3, loss 0.1\n")
+    (tmp_path / "pk.pt").write_bytes(b"PK" + bytes(range(200)))
+    (tmp_path / "rand.pt").write_bytes(b"\x80\x02" + bytes((i * 37 + 11) % 256 for i in range(300)))
+    (tmp_path / "cut_legacy.pt").write_bytes(legacy.read_bytes()[: legacy.stat().st_size // 2])
+    return {
+        "text.pt": "is not a torch.save checkpoint (a text file",
+        "pk.pt": "truncated or corrupt",
+        "other.zip": "a zip archive but not a torch.save checkpoint (no data.pkl inside",
+        "rand.pt": "is corrupt or truncated",
+        "cut_legacy.pt": "ends too early (a truncated legacy",
+    }
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(ip, tmp_path):
+    files = _files(tmp_path)
+    ip.user_ns["model"] = other()
+    snap = Snapshot.take(ip.user_ns["model"])
+    for name, words in files.items():
+        msg = usage_error(ip, f"checkpoint load model {tmp_path / name}")
+        assert words in msg, (name, msg)
+        assert "arbitrary code" not in msg and "Error: pop" not in msg, (name, msg)
+    msg = usage_error(ip, "checkpoint load model /dev/zero")
+    assert "not a regular file: it is a character device" in msg
+    snap.assert_unchanged()
+
+
+FIFO_CHILD = r"""
+import os, sys, torch, torch.nn as nn
+from torchmagic.core.checkpoint import load_checkpoint, save_checkpoint
+path = sys.argv[1]
+os.mkfifo(path)
+for fn in (lambda: load_checkpoint(nn.Linear(2, 2), path),
+           lambda: save_checkpoint(nn.Linear(2, 2), path)):
+    try:
+        fn()
+    except Exception as exc:
+        print(type(exc).__name__, exc)
+"""
+
+
+def test_fifo_is_refused_without_being_opened(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", FIFO_CHILD, str(tmp_path / "pipe")],
+                          capture_output=True, text=True, timeout=60)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, (proc.stdout, proc.stderr[-500:])
+    assert "is not a regular file: it is a FIFO" in lines[0]
+    assert "not a regular file" in lines[1] and "nothing was written" in lines[1]
+
+
+# -- issue 11: saves that fail say so in one line; symlinks --------------------------------------------
+def test_unpicklable_extras_and_buffers_are_one_line_and_keep_the_old_file(ip, tmp_path):
+    path = tmp_path / "c.pt"
+    model = small()
+    save_checkpoint(model, path)
+    before = path.read_bytes()
+    ip.user_ns.update(model=model, gen=(i for i in range(3)), fn=lambda x: x)
+    assert "--extra g is a generator, which pickle cannot write" in usage_error(
+        ip, f"checkpoint save model {path} --extra g=gen")
+    assert "--extra f is a function" in usage_error(ip, f"checkpoint save model {path} --extra f=fn")
+    model.register_buffer("fast", torch.zeros(2, 3).to_mkldnn())
+    assert "model.fast is _mkldnn layout, which torch.save cannot write" in usage_error(
+        ip, f"checkpoint save model {path}")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+class _Failing:
+    """A file object whose writes fail like a full disk (or send Ctrl-C to the process)."""
+
+    def __init__(self, f, how):  # noqa: ANN001
+        self.f, self.how, self.n = f, how, 0
+
+    def write(self, data):  # noqa: ANN001
+        self.n += 1
+        if self.n > 2:
+            if self.how == "sigint":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise OSError(28, "No space left on device")
+        return self.f.write(data)
+
+    def __getattr__(self, name):  # noqa: ANN001
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # noqa: ANN002
+        return self.f.__exit__(*exc)
+
+
+@pytest.mark.parametrize("how", ["full", "sigint"])
+def test_full_disk_and_ctrl_c_inside_torch_writer(tmp_path, monkeypatch, how):
+    import torchmagic.core.checkpoint_io as cio
+
+    path = tmp_path / "c.pt"
+    save_checkpoint(small(), path)
+    before = path.read_bytes()
+    real = os.fdopen
+    monkeypatch.setattr(cio.os, "fdopen", lambda fd, mode: _Failing(real(fd, mode), how))
+    big = nn.Linear(256, 256)
+    if how == "full":
+        with pytest.raises(TorchMagicError, match="the write failed"):
+            save_checkpoint(big, path)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(big, path)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_extra_whose_repr_raises_is_shown(ip, tmp_path):
+    class Shy:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+        def __reduce__(self):
+            return (int, (3,))
+
+    ip.user_ns.update(model=small(), w=Shy())
+    _, shown = run(ip, f"checkpoint save model {tmp_path / 'c.pt'} --extra w=w")
+    assert "w=<Shy>" in shown
+
+
+def test_save_through_a_symlink_replaces_its_target_atomically(tmp_path):
+    real = tmp_path / "store" / "real.pt"
+    real.parent.mkdir()
+    save_checkpoint(small(), real)
+    link = tmp_path / "latest.pt"
+    link.symlink_to(real)
+    save_checkpoint(other(), link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert same_values(other(), _loaded(real))
+    assert sorted(p.name for p in real.parent.iterdir()) == ["real.pt"]  # no temp file left
+    dangling = tmp_path / "new.pt"
+    dangling.symlink_to(tmp_path / "store" / "fresh.pt")
+    save_checkpoint(small(), dangling)
+    assert dangling.is_symlink() and same_values(small(), _loaded(tmp_path / "store" / "fresh.pt"))
+
+
+def test_device_node_and_fifo_targets_are_refused(tmp_path):
+    """Never aimed at the real /dev/null: a broken save would replace it by a regular file (a
+    rename over a device node works for root). The nodes here live in tmp_path."""
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    targets = [fifo]
+    try:
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        targets.append(tmp_path / "null")
+    except (PermissionError, OSError):  # not root: the FIFO and its link are checked
+        pass
+    for target in targets:
+        link = tmp_path / f"{target.name}.pt"
+        link.symlink_to(target)
+        for path in (target, link):
+            with pytest.raises(TorchMagicError, match="not a regular file"):
+                save_checkpoint(small(), path)
+        kind = stat.S_IFMT(os.stat(target).st_mode)
+        assert kind in (stat.S_IFIFO, stat.S_IFCHR) and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [t.name for t in targets] + [f"{t.name}.pt" for t in targets])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested tensors are a prototype
+def test_file_holding_a_nested_tensor(ip, tmp_path):
+    nt = torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+    model = nn.Linear(2, 3)
+    state = model.state_dict()
+    state["weight"] = nt
+    torch.save(state, tmp_path / "in_state.pt")
+    torch.save({"model": nn.Linear(2, 3).state_dict(), "nt": nt}, tmp_path / "in_extras.pt")
+    ip.user_ns["model"] = model
+    snap = Snapshot.take(model)
+    with pytest.raises(UsageError, match="1 shape mismatch"):
+        run(ip, f"checkpoint load model {tmp_path / 'in_state.pt'}")
+    snap.assert_unchanged()
+    _, shown = run(ip, f"checkpoint load model {tmp_path / 'in_extras.pt'}")
+    assert "nt=tensor(2, 'ragged')" in shown
+
+
+def test_failure_beyond_the_backup_budget_says_so(tmp_path, monkeypatch):
+    import torchmagic.core.checkpoint_check as check
+
+    monkeypatch.setattr(check, "BACKUP_BYTES", 16)
+    path = tmp_path / "c.pt"
+    save_checkpoint(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), path)
+    with pytest.raises(TorchMagicError, match="may be partly loaded .too large to back up"):
+        load_checkpoint(nn.Sequential(nn.Linear(4, 4), FailsForReal(4, 4)), path)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_half_way_failure_is_undone_bitwise(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.manual_seed(5)
+    save_checkpoint(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), path)
+    model = nn.Sequential(nn.Linear(4, 4), FailsForReal(4, 4)).cuda()
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4, device="cuda")).sum().backward()
+    adam.step()
+    snap = Snapshot.take(model, adam=adam)
+    with pytest.raises(TorchMagicError, match="put back as they were"):
+        load_checkpoint(model, path)
+    snap.assert_unchanged()

@@ -20,7 +20,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torchmagic.core.errors import ForwardError, TorchMagicError
 from torchmagic.core.estimate_cell import estimate_cell
 from torchmagic.core.estimate_trace import KINDS
-from torchmagic.core.twin import meta_tensor, twin, twin_optimizer
+from torchmagic.core.twin import Isolation, meta_tensor, twin, twin_optimizer
 from torchmagic.models import GPT, GPTConfig
 
 REFS = {"parameters": "Parameter", "buffers": "Buffer", "gradients": "Gradient",
@@ -208,9 +208,9 @@ def test_twin_optimizer_maps_params_and_state() -> None:
     ns = setup()
     gpt, opt = ns["gpt"], ns["opt"]
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)
-    memo: dict[int, torch.Tensor] = {}
-    model_twin = twin(gpt, lambda t: memo.setdefault(id(t), meta_tensor(t)))
-    opt_twin = twin_optimizer(opt, memo, meta_tensor)
+    iso = Isolation(meta_tensor, "meta")
+    model_twin = twin(gpt, isolation=iso)
+    opt_twin = twin_optimizer(opt, isolation=iso)
     assert type(opt_twin) is type(opt)
     twin_params = opt_twin.param_groups[0]["params"]
     assert [id(p) for p in twin_params] == [id(p) for p in model_twin.parameters()]
@@ -218,8 +218,9 @@ def test_twin_optimizer_maps_params_and_state() -> None:
     first = twin_params[0]
     assert opt_twin.state[first]["exp_avg"].is_meta
     assert opt_twin.state[first]["exp_avg"].shape == first.shape
-    assert "step" not in vars(opt_twin)       # the scheduler's wrapper calls the original
+    # the scheduler's step wrapper of the twin marks the twin, never the original
     assert hasattr(opt.step, "_wrapped_by_lr_sched")
+    assert vars(opt_twin).get("step") is not vars(opt).get("step")
     handle = opt_twin.register_step_pre_hook(lambda *a: None)
     assert len(opt._optimizer_step_pre_hooks) == 0
     handle.remove()
@@ -229,5 +230,5 @@ def test_twin_optimizer_maps_params_and_state() -> None:
     # a parameter not in the map is converted and added
     extra = nn.Parameter(torch.randn(3))
     o2 = torch.optim.SGD([extra], lr=0.1)
-    t2 = twin_optimizer(o2, {}, meta_tensor)
+    t2 = twin_optimizer(o2, meta_tensor)
     assert t2.param_groups[0]["params"][0].is_meta

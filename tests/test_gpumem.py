@@ -189,13 +189,16 @@ def test_watch_unwatch_reload_counts(ip):
     _, shown = run(ip, "gpumem --unwatch")
     assert "was not on" in shown
     run(ip, "gpumem --watch")
-    ip.run_line_magic("reload_ext", "torchmagic")
-    assert _n_callbacks(ip) == base  # unload removed them; reload did not double them
+    _, shown = run(ip, "reload_ext torchmagic")
+    assert "kept %gpumem --watch" in shown  # issue 11: a reload keeps --watch on, and says so
+    assert _n_callbacks(ip) == (base[0] + 1, base[1] + 1)  # never doubled
     run(ip, "gpumem --watch")
     ip.run_line_magic("reload_ext", "torchmagic")
     ip.run_line_magic("reload_ext", "torchmagic")
     run(ip, "gpumem --watch")
     assert _n_callbacks(ip) == (base[0] + 1, base[1] + 1)
+    r = ip.run_cell("%reload_ext torchmagic")  # inside a watched cell: that cell is reported
+    assert r.success and _watcher(ip).stack == []
     ip.run_line_magic("unload_ext", "torchmagic")
     assert _n_callbacks(ip) == base
     ip.run_line_magic("load_ext", "torchmagic")
@@ -533,3 +536,23 @@ def test_cuda_paths_against_fake_allocator(monkeypatch, ip, tmp_path):
     assert (tmp_path / "n.pickle").exists() and _n_callbacks(ip) == base
     with pytest.raises(UsageError, match="folder .* does not exist"):
         run(ip, "gpumem --snapshot /no/such/dir/m.pickle")
+
+
+# -- issue 11: --top with unusual tensors alive anywhere -------------------------------------------
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested / quantized tensors are prototypes
+def test_top_with_nested_sparse_quantized_and_subclass_tensors_alive(ip):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    nt = torch.nested.nested_tensor([torch.zeros(300, 100), torch.zeros(500, 100)])
+    jagged = torch.nested.nested_tensor([torch.zeros(2, 4), torch.zeros(3, 4)],
+                                        layout=torch.jagged)
+    hidden = [nt, jagged, torch.eye(50).to_sparse(), torch.zeros(10, 10).to_mkldnn(),
+              torch.quantize_per_tensor(torch.zeros(64), 0.1, 0, torch.quint8),
+              TwoTensor(torch.zeros(8), torch.ones(8)), nn.UninitializedParameter()]
+    ip.user_ns["nt"] = nt
+    run(ip, "gpumem --top 50 -o top")
+    entries = {e.name: e for e in ip.user_ns["top"].entries}
+    # its values buffer plus its sizes (2 components x 2 dims, int64)
+    assert entries["nt"].bytes == 800 * 100 * 4 + 2 * 2 * 8
+    assert entries["nt"].shape == (2, "ragged", 100)
+    del hidden

@@ -91,8 +91,14 @@ def test_any_mapping_is_keyword_arguments(kind: str) -> None:
     assert s.input_shapes == [(2, 6), (2, 6)] and s.input_kwargs == ["input_ids", "attention_mask"]
     assert s.output_shapes == [(2, 6, 3)]
     # the mask really reached the forward: the model's output as model(**batch) gives it
+    # (a hook on the model itself would run on the isolated twin: watch with a global hook)
     seen: list[torch.Tensor] = []
-    handle = m.head.register_forward_hook(lambda mod, i, o: seen.append(i[0]))
+
+    def record(mod: nn.Module, i: tuple, o: object) -> None:
+        if isinstance(mod, nn.Linear) and mod.out_features == 3:
+            seen.append(i[0])
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
         summary(m, batch)
     finally:

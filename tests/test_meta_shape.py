@@ -284,9 +284,13 @@ def test_object_that_cannot_be_twinned_is_named(ip):
             self.lin = nn.Linear(2, 2)
             self.lock = threading.Lock()
 
-    ip.user_ns["m"] = Locked()
+    ip.user_ns["m"] = Locked()  # a lock is shared by the twin: harmless, the cell runs
+    run(ip, "meta_shape -o rep", "y = m.lin(torch.randn(1, 2))")
+    assert ip.user_ns.pop("rep").value("y").shapes == [(1, 2)]
+    ip.user_ns["m"].batches = (i for i in range(3))  # a generator must not be advanced for real
     msg = _user_error(ip, "meta_shape", "y = m.lin(torch.randn(1, 2))")
-    assert "cannot make a meta twin of 'm' (Locked)" in msg
+    assert "cannot make a meta twin: m.batches (generator) is a generator" in msg
+    assert "nothing was run" in msg
 
 
 def test_objects_reached_indirectly_are_never_written(ip):
@@ -297,13 +301,16 @@ def test_objects_reached_indirectly_are_never_written(ip):
     h.t = torch.ones(3)
     h.bn = nn.BatchNorm1d(3).train()
     ip.user_ns["h"] = h
-    snap = Snapshot.take(h.bn, t=h.t)
-    run(ip, "meta_shape -o rep", "h.t.add_(1)\nout = h.bn(torch.randn(4, 3))\n")
+    snap = Snapshot.take(h.bn, t=h.t, h=h)
+    run(ip, "meta_shape -o rep", "h.t.add_(1)\nout = h.bn(torch.randn(4, 3))\nh.flag = 1\n")
     rep = ip.user_ns.pop("rep")
     snap.assert_unchanged()
     assert torch.equal(h.t, torch.ones(3)) and int(h.bn.num_batches_tracked) == 0
-    assert rep.value("out").shapes == [(4, 3)]
-    assert any("read as meta" in n for n in rep.notes)
+    assert rep.value("out").shapes == [(4, 3)] and not hasattr(h, "flag")
+    assert any(c.startswith("h: Holder of tensors/modules -> meta copies") for c in rep.converted)
+    # a real tensor no name leads to (torch.from_numpy) is still only read, as meta
+    run(ip, "meta_shape -o rep", "import numpy as np\nz = torch.from_numpy(np.ones(3)) + 1")
+    assert any("read as meta" in n for n in ip.user_ns.pop("rep").notes)
 
 
 def test_notebook_functions_see_twins(ip):

@@ -13,6 +13,7 @@ import torch.nn as nn
 from conftest import run
 from statecheck import Snapshot
 
+from torchmagic.core.errors import TorchMagicError
 from torchmagic.core.summary import summary
 
 
@@ -55,14 +56,25 @@ def test_attributes_stay_through_the_magic(ip) -> None:
     assert m.steps == 0 and m.seen == [] and m.cache is None
 
 
-def test_a_model_that_cannot_be_copied_still_runs_and_says_so() -> None:
+def test_a_model_holding_a_lock_runs_on_an_isolated_twin() -> None:
     m = Counting()
-    m.lock = threading.Lock()  # deepcopy cannot copy a lock
+    m.lock = threading.Lock()  # deepcopy cannot copy a lock: the isolation shares it
     snap = Snapshot.take(m)
     s = summary(m, input_size=(3, 4))
-    snap.assert_unchanged()  # parameters and buffers: buffers were cloned for the run
+    snap.assert_unchanged()
     assert s.output_shapes == [(3, 4)]
-    assert any("could not be copied" in n and "not isolated" in n for n in s.notes)
+    assert m.steps == 0 and m.seen == [] and m.cache is None
+
+
+def test_a_model_that_cannot_be_isolated_is_refused_in_one_line() -> None:
+    m = Counting()
+    m.source = (i for i in range(3))  # a generator: neither copied nor shared
+    snap = Snapshot.take(m)
+    with pytest.raises(TorchMagicError, match="source") as err:
+        summary(m, input_size=(3, 4))
+    assert "\n" not in str(err.value)
+    snap.assert_unchanged()
+    assert m.steps == 0 and next(m.source) == 0  # never ran, the generator not consumed
 
 
 # -- results that are not tensors --------------------------------------------------------------

@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 from statecheck import Snapshot
 
 import torchmagic
-import torchmagic.core.tensor as core
+import torchmagic.core.tensor_stats as tensor_stats_mod
 from torchmagic.core.tensor import relation, tensor_info, tensor_stats, tensors
 
 
@@ -64,7 +64,7 @@ def test_float_stats_match_torch(dtype: torch.dtype) -> None:
 
 
 def test_stats_chunked_and_non_contiguous_match_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core, "CHUNK_ELEMENTS", 50)
+    monkeypatch.setattr(tensor_stats_mod, "CHUNK_ELEMENTS", 50)
     t = with_specials(torch.randn(23, 41, 3))
     assert_stats(t)  # contiguous: flat chunks
     assert_stats(t.permute(2, 0, 1))  # non-contiguous: split along dim 0 / per row
@@ -104,7 +104,7 @@ def test_stats_one_host_copy_and_no_item(monkeypatch: pytest.MonkeyPatch) -> Non
     """Every statistic and every chunk goes to the host in one copy; nothing calls .item()."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setattr(core, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(tensor_stats_mod, "CHUNK_ELEMENTS", 64)
     calls = {"cpu": 0}
     real_cpu = torch.Tensor.cpu
 
@@ -359,24 +359,49 @@ def test_invariants_on_exception_and_keyboard_interrupt(ip) -> None:
     snap.assert_unchanged()
 
 
-def test_keyboard_interrupt_inside_statistics(ip) -> None:
-    """A tensor subclass whose torch function raises KeyboardInterrupt mid-statistics: grad mode
-    and every global setting are restored, the tensor is untouched."""
+def test_keyboard_interrupt_inside_statistics(ip, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C mid-statistics: grad mode and every global setting are restored, the tensor is
+    untouched."""
+    real = torch.isfinite
 
-    class Interrupting(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001
-            if func is torch.isfinite:
-                raise KeyboardInterrupt
-            return super().__torch_function__(func, types, args, kwargs or {})
+    def interrupting(*args, **kwargs):  # noqa: ANN002, ANN003
+        if not torch.is_grad_enabled():  # inside the statistics (they run under no_grad)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
 
-    t = torch.randn(10).as_subclass(Interrupting)
+    t = torch.randn(10)
     ip.user_ns["t"] = t
     snap = Snapshot.take(t=t)
+    monkeypatch.setattr(torch, "isfinite", interrupting)
     with pytest.raises(KeyboardInterrupt):
         ip.run_line_magic("tensor", "t")
+    monkeypatch.undo()
     snap.assert_unchanged()
     assert torch.is_grad_enabled()
+
+
+def test_subclass_torch_function_is_not_run_by_reading(ip) -> None:
+    """Reading a tensor subclass's values never runs the subclass's own __torch_function__ (its
+    metadata may be read through it, as torch itself does)."""
+    calls = []
+
+    class Counting(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001
+            calls.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    t = torch.tensor([1.0, float("nan"), 3.0]).as_subclass(Counting)
+    ip.user_ns["t"] = t
+    calls.clear()
+    run(ip, "tensor t -o r")
+    run(ip, "tensors -o table")
+    stats = ip.user_ns["r"].items[0].stats
+    assert (stats.nan, stats.finite, stats.min, stats.max) == (1, 2, 1.0, 3.0)
+    assert {r.name: r.flag for r in ip.user_ns["table"].rows}["t"] == "NaN"
+    value_ops = {"isnan", "isinf", "isfinite", "sum", "amin", "amax", "where", "any", "eq",
+                 "__eq__", "to", "abs", "detach", "reshape", "view", "split"}
+    assert not [c for c in calls if getattr(c, "__name__", "") in value_ops]
 
 
 def test_plain_python_use() -> None:
@@ -401,9 +426,14 @@ def test_nested_float8_and_sparse_tensors(ip):
     f8n = torch.tensor([1.0, float("nan")]).to(torch.float8_e5m2)
     sp = torch.eye(10).to_sparse()
     ip.user_ns.update(n=n, j=j, f8=f8, f8n=f8n, sp=sp)
-    _, shown = run(ip, "tensor n j")
-    # (the ragged size's symbol counts jagged tensors made so far in the process: j1, j2 ...)
-    assert "(2, ragged)" in shown and re.search(r"\(2, j\d+, 4\)", shown) and "nested tensor" in shown
+    _, shown = run(ip, "tensor n j -o nj")
+    assert "(2, ragged)" in shown and re.search(r"\(2, j\d+, 4\)", shown) and "nested" in shown
+    # statistics over every element of the components (from the values buffer)
+    for info, parts in zip(ip.user_ns["nj"].items, (n.unbind(), j.unbind())):
+        ref = torch.cat([p.reshape(-1) for p in parts])
+        assert info.stats.numel == ref.numel() and info.stats.min == pytest.approx(float(ref.min()))
+        assert info.stats.mean == pytest.approx(float(ref.mean()))
+        assert info.stats.std == pytest.approx(float(ref.std()))
     run(ip, "tensor f8 f8n -o r")
     a, b = ip.user_ns["r"].items
     ref = f8.float()
@@ -414,7 +444,118 @@ def test_nested_float8_and_sparse_tensors(ip):
     assert ip.user_ns["s"].items[0].nbytes == sp._indices().nbytes + sp._values().nbytes
     _, shown = run(ip, "tensors -o t")
     rows = {r.name: r for r in ip.user_ns["t"].rows}
-    assert rows["n"].flag == "?" and rows["f8n"].flag == "NaN" and rows["f8"].flag is None
+    assert rows["n"].flag is None and rows["f8n"].flag == "NaN" and rows["f8"].flag is None
+    assert rows["sp"].flag == "?"
     assert all(len(line) <= 100 for line in shown.splitlines())
     r = ip.run_cell("%tensor torch.randn(2).to(torch.float8_e4m3fn)")
     assert r.error_in_exec is None
+
+
+# -- issue 11: unusual layouts, broadcast views, a bounded %tensors ------------------------------
+def test_broadcast_view_statistics_from_its_real_memory(ip) -> None:
+    """``zeros(1).expand(10**10)`` holds 4 bytes: %tensor and %tensors read those, not 40 GB."""
+    big = torch.zeros(1).expand(10**10)
+    row = torch.tensor([1.0, float("nan"), -3.0, 5.0])
+    grid = row.expand(1000, 4)  # stride 0 along dim 0: 4 distinct elements, each 1000 times
+    ip.user_ns.update(big=big, grid=grid)
+    # what is read: the distinct elements (1 and 4), not 10**10 (which took minutes)
+    assert tensor_stats_mod.readable(big)[0].numel() == 1
+    assert tensor_stats_mod.readable(grid)[:2][0].numel() == 4
+    run(ip, "tensor big grid -o r")
+    _, shown = run(ip, "tensors -o table")
+    b, g = ip.user_ns["r"].items
+    assert (b.stats.numel, b.stats.zeros, b.stats.mean, b.stats.std) == (10**10, 10**10, 0.0, 0.0)
+    ref = grid.contiguous()  # the independent reference: a real copy of the 4000 elements
+    fin = ref[torch.isfinite(ref)]
+    assert (g.stats.numel, g.stats.nan, g.stats.finite) == (4000, 1000, 3000)
+    assert g.stats.mean == pytest.approx(float(fin.double().mean()))
+    assert g.stats.std == pytest.approx(float(fin.double().std()))
+    assert any("broadcast view" in n for n in g.notes)
+    rows = {r.name: r for r in ip.user_ns["table"].rows}
+    assert rows["big"].nbytes == 4 and rows["grid"].flag == "NaN"
+
+
+def test_overlapping_view_is_not_read_element_by_element() -> None:
+    base = torch.zeros(10**6)
+    win = base.unfold(0, 10**5, 1)  # 9e10 elements over 1e6 of memory
+    info = tensor_info(win, "win")
+    assert info.stats is None and any("overlapping view" in n for n in info.notes)
+    assert tensors({"win": win}).rows[0].flag == "?"
+
+
+def test_tensors_flag_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tensor_stats_mod, "FLAG_BUDGET_BYTES", 1000)
+    ns = {"small": torch.tensor([float("nan")]), "large": torch.full((1000,), float("nan"))}
+    table = tensors(ns)
+    flags = {r.name: r.flag for r in table.rows}
+    assert flags == {"small": "NaN", "large": "not checked"}
+    assert any("not checked for 1 tensor (large)" in n for n in table.notes)
+    assert "not checked for 1 tensor" in str(table)
+
+
+def test_tensors_on_a_big_namespace_compares_no_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thousands of names on one storage and modules with thousands of parameters: the storage
+    index finds links without comparing every pair (it compared names x members: minutes).
+    The time goal (under a second) is in benchmarks/bench_tensors.py."""
+    import torchmagic.core.tensor as core_tensor
+
+    pairs = []
+    real = core_tensor.relation
+    monkeypatch.setattr(core_tensor, "relation", lambda a, b: pairs.append(1) or real(a, b))
+    models = {f"m{i}": nn.Sequential(*[nn.Linear(2, 2) for _ in range(100)]) for i in range(20)}
+    base = torch.zeros(3000)
+    ns = {**models, **{f"t{i}": base[i:i + 1] for i in range(2000)}, "whole": base}
+    table = tensors(ns)
+    assert len(pairs) == 0
+    assert len(table.rows) == 2001 and table.total_bytes == 3000 * 4
+    rows = {r.name: r for r in table.rows}
+    assert ("view of", "whole") in [(lk.relation, lk.name) for lk in rows["t7"].links]
+    assert rows["t7"].links[-1].name == "1,999 other named tensors"
+    small = tensors({"a": base[:2], "b": base[1:3], "whole": base})  # few: exact pairwise links
+    assert [(lk.relation, lk.name) for lk in {r.name: r for r in small.rows}["whole"].links] \
+        == [("viewed by", "a"), ("viewed by", "b")]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.quantize_per_tensor(torch.tensor([0.0, 0.5]), 0.1, 0, torch.quint8),
+    lambda: torch.quantize_per_channel(torch.zeros(2, 3), torch.tensor([0.1, 0.2]),
+                                       torch.tensor([0, 0]), 0, torch.qint8),
+    lambda: torch.eye(3).to_sparse_csr(),
+    lambda: torch.eye(4).to_sparse_bsr((2, 2)),
+    lambda: torch.zeros(2, 3).to_mkldnn(),
+    lambda: torch._to_functional_tensor(torch.tensor([1.0, float("inf")])),
+    lambda: nn.UninitializedParameter(),
+    lambda: __import__("torch.testing._internal.two_tensor",
+                       fromlist=["TwoTensor"]).TwoTensor(torch.zeros(3), torch.ones(3)),
+], ids=["quantized", "per-channel", "csr", "bsr", "mkldnn", "functional", "uninitialized",
+        "wrapper-subclass"])
+def test_every_layout_is_described_never_crashed_on(ip, make) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = make()
+    ip.user_ns["t"] = t
+    _, shown = run(ip, "tensor t")
+    assert "tensor t" in shown
+    _, shown = run(ip, "tensors")
+    assert "t " in shown
+
+
+def test_functional_wrapper_values_are_read_through_it() -> None:
+    t = torch._to_functional_tensor(torch.tensor([1.0, float("inf"), 3.0]))
+    info = tensor_info(t, "t")
+    assert info.stats.inf == 1 and (info.stats.min, info.stats.max) == (1.0, 3.0)
+    assert tensors({"t": t}).rows[0].flag == "Inf"
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_broadcast_and_layouts() -> None:
+    big = torch.tensor([1.0, float("nan")], device="cuda").expand(10**9, 2)
+    info = tensor_info(big, "big")
+    assert (info.stats.numel, info.stats.nan, info.stats.finite) == (2 * 10**9, 10**9, 10**9)
+    ns = {"big": big, "sp": torch.eye(3, device="cuda").to_sparse(),
+          "nt": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)], device="cuda")}
+    flags = {r.name: r.flag for r in tensors(ns).rows}
+    assert flags["big"] == "NaN" and flags["sp"] == "?" and flags["nt"] is None

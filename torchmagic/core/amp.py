@@ -484,25 +484,34 @@ def amp(device: str | None = None, dtype: str | torch.dtype | None = None, *,
 class AutocastSession:
     """Autocast on for every following cell: ``pre``/``post`` are the pre/post_run_cell callbacks.
 
-    ``start`` captures the autocast state; ``stop`` exits every context still open and restores that
-    state exactly. Cells nest (a cell run from inside a cell fires ``pre`` again): contexts are a stack,
-    and a ``post`` with no matching ``pre`` does nothing.
+    ``pre`` enters a ``torch.autocast`` context for the cell and ``post`` exits it, so each cell
+    ends with the autocast state it started with, whatever it did in between. ``start`` and
+    ``stop`` only say whether the *next* cells get one: they never set or restore the autocast
+    state themselves, so ``%amp on``/``%amp off`` nest in any order with ``%%amp`` cells and the
+    user's own ``with torch.autocast(...)`` blocks (the rest of the cell that runs ``%amp off``
+    keeps its context until the cell ends; ``%amp on`` starts with the next cell). Cells nest (a
+    cell run from inside a cell fires ``pre`` again): contexts are a stack, and a ``post`` with no
+    matching ``pre`` does nothing.
     """
 
     def __init__(self) -> None:
         self.device: str | None = None
         self.dtype: torch.dtype | None = None
-        self._saved: AutocastState | None = None
         self._open: list[Any] = []
+        self._on_drained: Any = None  # called once the last open context is closed
 
     @property
     def active(self) -> bool:
         return self.device is not None
 
+    @property
+    def open_cells(self) -> int:
+        """Cells running now that entered autocast in ``pre`` (their ``post`` closes it)."""
+        return len(self._open)
+
     def start(self, device: str, dtype: torch.dtype) -> None:
-        if self._saved is None:
-            self._saved = AutocastState.capture()
         self.device, self.dtype = device, dtype
+        self._on_drained = None
 
     def pre(self, *_: Any) -> None:
         if self.device is None:
@@ -514,18 +523,19 @@ class AutocastSession:
     def post(self, *_: Any) -> None:
         if self._open:
             self._open.pop().__exit__(None, None, None)
+        if not self._open and self._on_drained is not None:
+            done, self._on_drained = self._on_drained, None
+            done()
 
-    def stop(self) -> bool:
-        """Close every open context and restore the state from before ``start``; True if it was on."""
+    def stop(self, on_drained: Any = None) -> bool:
+        """No autocast for the next cells; True if it was on. ``on_drained`` is called when no
+        cell with an open context is left (at once when none is running)."""
         was = self.active
-        try:
-            while self._open:
-                self._open.pop().__exit__(None, None, None)
-        finally:
-            if self._saved is not None:
-                self._saved.restore()
-            self._saved = None
-            self.device = self.dtype = None
+        self.device = self.dtype = None
+        if self._open:
+            self._on_drained = on_drained
+        elif on_drained is not None:
+            on_drained()
         return was
 
 

@@ -3,26 +3,30 @@
 :func:`benchmark` runs code (a cell's source or a callable) many times and returns a
 :class:`BenchResult` with median, IQR, mean, runs and measurements:
 
-- the code runs with a *copy* of the namespace: its assignments do not leak (in-place changes to
-  objects, ``x.add_(1)``, ``loss.backward()``, BatchNorm running statistics, are real; they are
-  detected through tensor version counters and reported);
+- the code runs with a *copy* of the namespace: its assignments do not leak, also not through
+  the notebook functions it calls (they are re-bound to the copy, so ``global counter; counter +=
+  1`` counts in the copy) nor through ``get_ipython().user_ns[...] = ...`` (undone afterwards,
+  and reported); in-place changes to objects, ``x.add_(1)``, ``loss.backward()``, BatchNorm running
+  statistics, are real: they are detected through tensor version counters and copies of buffers
+  (read through :mod:`torchmagic.core.access`, safe on quantized, sparse and subclass tensors) and
+  reported;
 - the cell keeps module-level semantics (``x = x * 2`` works, as in a notebook, unlike ``timeit``
   where it raises ``UnboundLocalError``): the compiled cell is called as a function (~20 ns);
 - ``num_threads`` defaults to ``torch.get_num_threads()`` (Timer's own default is 1, which silently
   benchmarks single-threaded code), and the thread count used is reported;
 - accelerator work is synchronised: Timer's clock calls ``torch.accelerator.synchronize()`` before
   every reading, so asynchronous CUDA kernels are timed to completion;
-- global torch state (RNG, grad mode, default dtype/device, thread count) is restored afterwards.
+- global torch state (RNG, grad mode, default dtype/device, thread counts, deterministic
+  algorithms, float32 matmul precision, cuDNN flags...) is restored afterwards.
 
-Without ``number`` it uses ``Timer.blocked_autorange(min_run_time)``; with ``number=N`` it times
-exactly N single runs after one warm-up run. :func:`compare` puts labelled results side by side.
+Without ``number`` it uses ``Timer.blocked_autorange(min_run_time)`` (``min_time`` at most
+``MAX_MIN_TIME`` seconds); with ``number=N`` it times exactly N single runs after one warm-up run. :func:`compare` puts labelled results side by side.
 A failing cell raises :class:`ForwardError` naming the cell line and the module that failed.
 """
 
 from __future__ import annotations
 
 import builtins
-import contextlib
 import time
 import traceback
 import types
@@ -33,9 +37,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torchmagic.core import access
 from torchmagic.core._result import Result
 from torchmagic.core.errors import ForwardError, TorchMagicError
-from torchmagic.core.execution import CompiledCell, cell_line_of, compile_user_cell
+from torchmagic.core.execution import (
+    CompiledCell,
+    cell_line_of,
+    compile_user_cell,
+    namespace_copy,
+    namespace_guard,
+)
 from torchmagic.core.state import preserved_global_state
 from torchmagic.core.tracing import format_shapes
 
@@ -127,8 +138,10 @@ def cell_error(exc: BaseException, cell: CompiledCell | None,
     module = None
     shapes = None
     for frame, _ in traceback.walk_tb(tb):
+        if frame.f_code.co_name != "forward":  # (f_locals of other frames is never made)
+            continue
         obj = frame.f_locals.get("self")
-        if isinstance(obj, nn.Module) and frame.f_code.co_name == "forward":
+        if isinstance(obj, nn.Module):
             module = obj
             code = frame.f_code
             args = [frame.f_locals.get(n) for n in code.co_varnames[1:code.co_argcount]]
@@ -161,31 +174,21 @@ def cell_functions(cell: CompiledCell, namespace: dict[str, Any]) -> tuple[Calla
 
 
 # -- in-place change detection --------------------------------------------------------------------
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return int(t._version)
-    except Exception:  # noqa: BLE001 - inference tensors have no version counter
-        return None
-
-
 def _grad_key(t: torch.Tensor) -> Any:
     g = t.grad if t.is_leaf else None
-    return None if g is None else (id(g), _version(g))
+    return None if g is None else (id(g), access.version(g))
 
 
 BUFFER_COPY_BUDGET = 64 << 20  # bytes of buffers copied to detect in-place changes
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().reshape(-1)
-    return flat.view(torch.uint8) if flat.numel() and flat.dtype != torch.bool else flat
+MAX_MIN_TIME = 600.0  # seconds: the largest --min-time (blocked_autorange runs at least that long)
 
 
 def watch(namespace: Mapping[str, Any] | None) -> list[tuple[str, str, str, Any, Any]]:
     """Version counters and ``.grad`` of every tensor reachable from the namespace's modules and
-    tensors: ``(owner, kind, name, tensor, key)``. Buffers also get a copy (up to
-    ``BUFFER_COPY_BUDGET`` bytes in all): kernels such as batch norm update running statistics
-    without bumping the version counter."""
+    tensors: ``(owner, kind, name, tensor, key)``. Buffers also get a copy of their values (up to
+    ``BUFFER_COPY_BUDGET`` bytes in all; :func:`torchmagic.core.access.fingerprint`, which never
+    reinterprets a quantized or opaque tensor): kernels such as batch norm update running
+    statistics without bumping the version counter."""
     out: list[tuple[str, str, str, Any, Any]] = []
     if not namespace:
         return out
@@ -195,18 +198,18 @@ def watch(namespace: Mapping[str, Any] | None) -> list[tuple[str, str, str, Any,
             continue
         if isinstance(value, nn.Module):
             for pn, p in value.named_parameters():
-                out.append((name, "parameter", pn, p, (_version(p), _grad_key(p))))
+                out.append((name, "parameter", pn, p, (access.version(p), _grad_key(p))))
             for bn, b in value.named_buffers():
                 copy = None
-                size = b.numel() * b.element_size()
-                if not b.is_meta and size <= budget:
-                    with contextlib.suppress(Exception):
-                        copy = _raw(b).clone()
+                size = access.storage_nbytes(b)
+                if size <= budget:
+                    copy = access.fingerprint(b)
+                    if copy is not None:
                         budget -= size
-                out.append((name, "buffer", bn, b, (_version(b), copy)))
+                out.append((name, "buffer", bn, b, (access.version(b), copy)))
             out.append((name, "mode", "", value, tuple(m.training for m in value.modules())))
         elif isinstance(value, torch.Tensor):
-            out.append((name, "tensor", "", value, (_version(value), _grad_key(value))))
+            out.append((name, "tensor", "", value, (access.version(value), _grad_key(value))))
     return out
 
 
@@ -219,14 +222,11 @@ def changes(before: list[tuple[str, str, str, Any, Any]]) -> list[str]:
             if now != key:
                 by_owner.setdefault(owner, {}).setdefault("train/eval mode", []).append("")
             continue
-        version = _version(obj)
+        version = access.version(obj)
         grad = _grad_key(obj) if kind in ("parameter", "tensor") else None
         changed = version != key[0]
         if kind == "buffer" and key[1] is not None:
-            try:
-                changed = changed or not torch.equal(_raw(obj), key[1])
-            except Exception:  # noqa: BLE001 - resized/reallocated buffer: it changed
-                changed = True
+            changed = changed or not access.same_fingerprint(access.fingerprint(obj), key[1])
         if changed:
             what = {"parameter": "parameters", "buffer": "buffers", "tensor": "values"}[kind]
             by_owner.setdefault(owner, {}).setdefault(what, []).append(name)
@@ -294,13 +294,18 @@ def benchmark(code: str | Callable[[], Any], namespace: Mapping[str, Any] | None
         raise TorchMagicError(f"-n must be at least 1; got {number}")
     if not min_time > 0:
         raise TorchMagicError(f"--min-time must be a positive number of seconds; got {min_time}")
+    if not min_time <= MAX_MIN_TIME:
+        raise TorchMagicError(f"--min-time {min_time:g} is too long: blocked_autorange runs at "
+                              f"least that many seconds; give at most {MAX_MIN_TIME:g} (10 "
+                              "minutes), or time a fixed number of runs with -n N")
     if num_threads is not None and num_threads < 1:
         raise TorchMagicError(f"--threads must be at least 1; got {num_threads}")
     threads = num_threads or torch.get_num_threads()
     source = ("--threads" if num_threads else
               "torch.get_num_threads(); Timer's own default would be 1")
 
-    ns: dict[str, Any] = dict(namespace or {})
+    real_ns = namespace if isinstance(namespace, dict) else None
+    ns: dict[str, Any] = namespace_copy(real_ns) if real_ns is not None else dict(namespace or {})
     cell = None
     if callable(code):
         body: Callable[[], Any] = code
@@ -316,8 +321,10 @@ def benchmark(code: str | Callable[[], Any], namespace: Mapping[str, Any] | None
     timer = Timer(stmt=stmt, globals={"_tm_body": body, "_tm_last": last}, num_threads=threads,
                   label=name, description=statement[:60])
     watched = watch(namespace)
+    undone: list[str] = []
     start = time.perf_counter()
-    with preserved_global_state():
+    with namespace_guard([real_ns] if real_ns is not None else [], undone.extend), \
+            preserved_global_state():
         prior = torch.get_num_threads()
         try:
             with set_torch_threads(threads):
@@ -340,7 +347,11 @@ def benchmark(code: str | Callable[[], Any], namespace: Mapping[str, Any] | None
                 method = (f"blocked_autorange(min_run_time={min_time:g} s): blocks of "
                           f"{m.number_per_run} run{'s' if m.number_per_run > 1 else ''}")
         except Exception as exc:  # noqa: BLE001 - the user's code failed; KeyboardInterrupt passes
-            raise cell_error(exc, cell, namespace) from None
+            err = cell_error(exc, cell, namespace)
+            # The cell's frames (kept by the traceback the user sees) have the copy as their
+            # globals: empty it, so that the traceback keeps no object the notebook deleted.
+            ns.clear()
+            raise err from None
         finally:
             torch.set_num_threads(prior)
     total = time.perf_counter() - start
@@ -350,6 +361,10 @@ def benchmark(code: str | Callable[[], Any], namespace: Mapping[str, Any] | None
                         "or the code's time varies (run longer with --min-time)")
     if len(m.times) < 4:
         warnings.append(f"only {len(m.times)} measurements: IQR is rough (use more runs)")
+    if undone:
+        shown = ", ".join(undone[:5]) + (" ..." if len(undone) > 5 else "")
+        warnings.append(f"the code wrote into the notebook's namespace (get_ipython().user_ns, "
+                        f"a line magic); undone, as its other assignments: {shown}")
     return BenchResult(
         label=name, statement=statement, median=m.median, iqr=m.iqr, mean=m.mean,
         runs=m.number_per_run * len(m.raw_times), measurements=len(m.raw_times),

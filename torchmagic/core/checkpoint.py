@@ -10,40 +10,52 @@ the previous file intact and no temporary file behind.
 call code is refused with a one-line message naming what it would call), finds the state dict in the
 file (bare, or under ``model``/``state_dict``/... keys), compares it to the model (missing,
 unexpected and shape-mismatched keys; a ``module.``/``_orig_mod.`` prefix is detected and the fix
-offered), validates the load on a meta twin of the model, and only then loads for real, with Ctrl-C
-held back until the copy is complete: a load that fails leaves the model unchanged. The report says
-which device the model is on afterwards (``map_location`` moves the loaded tensors, not the model).
+offered), validates everything the copy will meet (:mod:`torchmagic.core.checkpoint_check`: tensor
+layouts, a trial load on a meta twin of the model and on a twin of the optimizer, the optimizer
+state's keys and shapes against the parameters it belongs to), and only then loads for real, with
+Ctrl-C held back until the copy is complete. A load is all or nothing: a refused load touches
+nothing, and a copy that still fails half-way is undone (model and optimizer put back bitwise). The
+report says which device the model is on afterwards (``map_location`` moves the loaded tensors, not
+the model). Files are described before they are read (:mod:`torchmagic.core.checkpoint_io`): a
+FIFO or a device node is refused unopened, and a corrupt file is called corrupt, not dangerous.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
 import pickle
-import re
-import signal
-import tempfile
 import time
-import zipfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from torchmagic.core import access
 from torchmagic.core._result import Result
+from torchmagic.core.checkpoint_check import (
+    Backup,
+    check_optimizer,
+    check_tensors,
+    hold_sigint,
+    retie,
+    tied_groups,
+)
+from torchmagic.core.checkpoint_io import (
+    KNOWN_PREFIXES,  # noqa: F401 - re-exported
+    OPTIMIZER_KEYS,  # noqa: F401 - re-exported
+    STATE_DICT_KEYS,  # noqa: F401 - re-exported
+    atomic_torch_save,
+    check_save_target,
+    check_source,
+    prefix_fix,
+    read_checkpoint,
+    split_checkpoint,
+)
 from torchmagic.core.errors import TorchMagicError, a_type
-
-# Keys under which checkpoints in the wild keep the model's state dict (first match wins).
-STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "model_state", "module", "net",
-                   "network", "weights", "params")
-OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state")
-# Prefixes added by wrappers: DataParallel / DistributedDataParallel, torch.compile.
-KNOWN_PREFIXES = ("module.", "_orig_mod.")
-
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -154,18 +166,12 @@ def _tensors_in(obj: Any, out: list[torch.Tensor] | None = None) -> list[torch.T
 
 
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
-    try:
-        st = t.untyped_storage()
-        return (str(t.device), st.data_ptr(), st.nbytes())
-    except Exception:  # noqa: BLE001 - exotic tensor subclasses: count them on their own
-        return (id(t),)
+    sp = access.span(t)
+    return (sp.device, sp.storage_lo) if sp is not None and sp.kind == "ptr" else (id(t),)
 
 
 def _storage_nbytes(t: torch.Tensor) -> int:
-    try:
-        return int(t.untyped_storage().nbytes())
-    except Exception:  # noqa: BLE001
-        return t.numel() * t.element_size()
+    return access.storage_nbytes(t)
 
 
 def _device_counts(tensors: list[torch.Tensor]) -> dict[str, int]:
@@ -185,75 +191,19 @@ def _weights_only_safe(value: Any) -> bool:
 
 
 def _short(value: Any, limit: int = 40) -> str:
+    """A short text for an extra; a ``__repr__`` that raises gives ``<TypeName>``."""
     if isinstance(value, torch.Tensor):
-        return f"tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+        return f"tensor{access.shape(value)} {str(value.dtype).replace('torch.', '')}"
     if isinstance(value, Mapping):
-        return f"dict ({len(value)} keys)"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _new_file_mode(path: str) -> int:
-    """Permissions for the new file: the replaced file's, else 0o666 minus the umask."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        pass
-    umask = None
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    umask = int(line.split()[1], 8)
-                    break
-    except OSError:
-        pass
-    if umask is None:  # not Linux: read it the only portable way (set and restore)
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` written to a temporary file in the same directory, flushed to disk
-    (``fsync``) and renamed over ``path`` (``os.replace``). On any failure, Ctrl-C included, the
-    temporary file is removed and ``path`` keeps its previous content."""
-    directory = os.path.dirname(os.path.abspath(path))
-    mode = _new_file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError, AttributeError):  # make the rename durable (POSIX)
-        dfd = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def _check_target(path: str) -> str:
-    path = os.path.expanduser(str(path))
-    if not path:
-        raise TorchMagicError("PATH is empty; give a file name such as ckpt.pt")
-    if os.path.isdir(path):
-        raise TorchMagicError(f"{path} is a directory; give a file name such as "
-                              f"{os.path.join(path, 'ckpt.pt')}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise TorchMagicError(f"directory {directory} does not exist (create it first: "
-                              f"os.makedirs({directory!r}))")
-    if not os.access(directory, os.W_OK):
-        raise TorchMagicError(f"directory {directory} is not writable")
-    return path
+            return f"dict ({len(value)} keys)"
+        except Exception:  # noqa: BLE001 - a user mapping with a broken __len__
+            return "<dict>"
+    try:
+        text = " ".join(repr(value).split())
+    except Exception:  # noqa: BLE001 - the user's __repr__ raised
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # -- save ----------------------------------------------------------------------------------------
@@ -277,13 +227,28 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
         if key in ("model", "optimizer"):
             raise TorchMagicError(f"--extra {key}=... clashes with the checkpoint's own "
                                   f"{key!r} entry; pick another name")
-    path = _check_target(os.fspath(path))
+    path = check_save_target(os.fspath(path))
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
         raise TorchMagicError(f"{name} has {len(meta)} tensors on the meta device ({meta[0]}, ...):"
                               " they hold no values, so there is nothing to save (load or "
                               "materialize the weights first)")
     state = model.state_dict()
+    for key, t in state.items():
+        if isinstance(t, torch.Tensor) and access.kind(t) in ("mkldnn", "opaque", "fake",
+                                                              "uninitialized"):
+            raise TorchMagicError(f"{name}.{key} is {access.describe(t)}, which torch.save cannot "
+                                  "write; convert it first (e.g. .to_dense()); nothing was "
+                                  "written")
+    for key, value in extras.items():
+        if not _weights_only_safe(value):
+            try:
+                pickle.dumps(value)
+            except Exception as exc:  # noqa: BLE001 - said in one line, before any write
+                why = " ".join(str(exc).split())[:100]
+                raise TorchMagicError(f"--extra {key} is {a_type(value)}, which pickle cannot "
+                                      f"write ({type(exc).__name__}: {why}); store plain data "
+                                      "instead; nothing was written") from None
     notes: list[str] = []
     if optimizer is None and not extras:
         obj: Any = state
@@ -320,7 +285,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
     try:
         atomic_torch_save(obj, path)
     except OSError as exc:
-        raise TorchMagicError(f"could not write {path}: {exc.strerror or exc}") from None
+        raise TorchMagicError(f"could not write {path}: {exc.strerror or exc}; the previous file "
+                              "is unchanged") from None
+    except Exception as exc:  # noqa: BLE001 - torch's writer: disk full, an unpicklable object
+        raise _save_error(obj, path, exc) from None
     seconds = time.perf_counter() - start
     return SaveReport(
         path=path, model=name, model_class=type(model).__name__,
@@ -331,216 +299,36 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
     )
 
 
-# -- load ----------------------------------------------------------------------------------------
-def _read_error(path: str, exc: BaseException) -> TorchMagicError:
-    """Turn what ``torch.load`` raised into one line the user can act on."""
+def _save_error(obj: Any, path: str, exc: BaseException) -> TorchMagicError:
     msg = " ".join(str(exc).split())
-    with open(path, "rb") as f:
-        head = f.read(4)
-    binary = head.startswith((b"PK", b"\x80"))  # torch.save's zip, or a protocol 2+ pickle
-    m = _GLOBAL_RE.search(msg)
-    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in msg and \
-            (m or binary):
-        what = f"needs {m.group(1)}" if m else "contains an object"
-        return TorchMagicError(
-            f"refused to load {path}: its pickle {what}, which weights_only=True blocks because "
-            "unpickling it could run arbitrary code; nothing was loaded and the model is unchanged. "
-            "If you trust the file, allow a harmless class with "
-            "torch.serialization.add_safe_globals([...]) or load with --unsafe")
-    if not binary and "Weights only load failed" in msg:  # not a pickle at all: garbage
-        return TorchMagicError(f"{path} is not a torch.save checkpoint (it starts with {head!r}, "
-                               "not a zip archive or a pickle); nothing was loaded and the model "
-                               "is unchanged")
-    if head.startswith(b"PK") and ("central directory" in msg or "PytorchStreamReader" in msg
-                                   or isinstance(exc, (EOFError, zipfile.BadZipFile))):
-        return TorchMagicError(
-            f"{path} is truncated or corrupt: the zip archive torch.save writes is incomplete "
-            "(an interrupted save or copy?); nothing was loaded and the model is unchanged")
-    if isinstance(exc, EOFError):
-        return TorchMagicError(f"{path} ends too early (truncated legacy torch.save file); "
-                               "nothing was loaded")
-    if isinstance(exc, (pickle.UnpicklingError, KeyError, UnicodeDecodeError)) or \
-            "invalid load key" in msg:
-        return TorchMagicError(f"{path} is not a torch.save checkpoint (it starts with {head!r}); "
-                               "nothing was loaded")
-    if "deserialize object on a CUDA device" in msg or "torch.cuda.is_available() is False" in msg:
-        return TorchMagicError(f"{path} holds CUDA tensors and CUDA is not available here: "
-                               "load with --map-location cpu")
-    if "mmap can only be used" in msg:
-        return TorchMagicError(f"--mmap needs a file written by torch.save's zip format; {path} is "
-                               "in the legacy format (load without --mmap, then save it again)")
-    return TorchMagicError(f"torch.load({path!r}) failed: {type(exc).__name__}: {msg[:300]}")
+    before = "the previous file is unchanged" if os.path.exists(path) else "no file was left"
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):  # torch's writer chains it
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        return TorchMagicError(f"could not write {path}: the write failed "
+                               f"({cause.strerror or cause}); {before}")
+    if "write failed" in msg or "file write" in msg:
+        return TorchMagicError(f"could not write {path}: the write failed (is the disk full?); "
+                               f"{before} ({msg[:120]})")
+    culprit = None if isinstance(exc, RuntimeError) else _unsaveable(obj)
+    where = f"{culprit}: " if culprit else ""
+    return TorchMagicError(f"torch.save could not write {path}: {where}{type(exc).__name__}: "
+                           f"{msg[:160]}; {before}")
 
 
-def _read(path: str, *, map_location: Any, weights_only: bool, mmap: bool) -> Any:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only,
-                          mmap=mmap if mmap else None)
-    except Exception as exc:  # KeyboardInterrupt propagates: nothing was touched yet
-        raise _read_error(path, exc) from None
-
-
-def _is_state_dict(obj: Any) -> bool:
-    if not isinstance(obj, Mapping) or not obj:
-        return False
-    if not all(isinstance(k, str) for k in obj):
-        return False
-    tensors = 0
-    for k, v in obj.items():
-        if isinstance(v, torch.Tensor):
-            tensors += 1
-        elif not k.endswith("_extra_state"):
-            return False
-    return tensors > 0
-
-
-def _split(obj: Any, key: str | None, path: str) -> tuple[dict[str, Any], str | None, Any, str,
-                                                           dict[str, Any]]:
-    """-> (state dict, its key, optimizer state or None, format text, extras)."""
-    if key is None and _is_state_dict(obj):
-        return dict(obj), None, None, "state dict", {}
-    if not isinstance(obj, Mapping):
-        raise TorchMagicError(f"{path} holds a {type(obj).__name__}, not a state dict or a dict "
-                              "containing one" + (" (a whole pickled model? load it with "
-                              "--unsafe and use its state_dict())" if isinstance(obj, nn.Module)
-                                                  else ""))
-    keys = [str(k) for k in obj]
-    if key is not None:
-        if key not in obj:
-            raise TorchMagicError(f"--key {key}: {path} has no such entry; its keys are "
-                                  f"{_some(keys)}")
-        if not _is_state_dict(obj[key]):
-            raise TorchMagicError(f"--key {key}: that entry is {a_type(obj[key])}, "
-                                  "not a state dict of tensors")
-        found = key
-    else:
-        found = next((k for k in STATE_DICT_KEYS if k in obj and _is_state_dict(obj[k])), None)
-        if found is None:
-            found = next((k for k in obj if isinstance(k, str) and _is_state_dict(obj[k])), None)
-        if found is None:
-            raise TorchMagicError(f"no state dict found in {path}: its keys are "
-                                  f"{_some(keys)} (name the entry with --key)")
-    opt_key = next((k for k in OPTIMIZER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-    extras = {str(k): v for k, v in obj.items() if k not in (found, opt_key)}
-    fmt = "dict: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
-    return dict(obj[found]), found, (obj[opt_key] if opt_key else None), fmt, extras
-
-
-def _some(keys: list[str], n: int = 6) -> str:
-    """``"a, b, c, ... (12 more)"``: the first few keys, keeping a message on one short line."""
-    more = f", ... ({len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def _first_component(keys: list[str]) -> str | None:
-    """The dotted first component every key shares (``module.``), or None."""
-    if not keys:
-        return None
-    first = keys[0].split(".", 1)[0] + "."
-    if "." in keys[0] and all(k.startswith(first) for k in keys):
-        return first
+def _unsaveable(obj: Any, path: str = "") -> str | None:
+    """The entry of ``obj`` that torch.save fails on (searched only after a failure)."""
+    items = obj.items() if isinstance(obj, Mapping) else []
+    for key, value in items:
+        try:
+            torch.save(value, io.BytesIO())
+        except Exception:  # noqa: BLE001
+            return _unsaveable(value, f"{path}{key}.") or f"{path}{key}"
     return None
 
 
-def _prefix_fix(ckpt_keys: list[str], model_keys: list[str]) -> str | None:
-    """An option that would make the checkpoint's keys match the model's better."""
-    model_set = set(model_keys)
-    base = len(model_set.intersection(ckpt_keys))
-    prefix = _first_component(ckpt_keys)
-    if prefix is not None:
-        stripped = {k[len(prefix):] for k in ckpt_keys}
-        if len(model_set & stripped) > base:
-            return f"--strip-prefix {prefix}"
-    prefix = _first_component(model_keys)
-    if prefix is not None:
-        added = {prefix + k for k in ckpt_keys}
-        if len(model_set & added) > base:
-            return f"--add-prefix {prefix}"
-    for prefix in KNOWN_PREFIXES:  # partial: some keys carry it
-        stripped = {k[len(prefix):] if k.startswith(prefix) else k for k in ckpt_keys}
-        if len(model_set & stripped) > base:
-            return f"--strip-prefix {prefix}"
-    sub = _submodule_prefix(ckpt_keys, model_keys)
-    return f"--add-prefix {sub}" if sub is not None and base < len(ckpt_keys) else None
-
-
-def _submodule_prefix(ckpt_keys: list[str], model_keys: list[str]) -> str | None:
-    """The submodule (``"features."``) whose keys every checkpoint key matches: the checkpoint
-    was saved from that part of the model (``model.features.state_dict()``). Shortest first."""
-    model_set = set(model_keys)
-    prefixes: set[str] = set()
-    for k in model_keys:
-        parts = k.split(".")[:-1]
-        prefixes.update(".".join(parts[:i]) + "." for i in range(1, len(parts) + 1))
-    for prefix in sorted(prefixes, key=lambda p: (p.count("."), p)):
-        if all(prefix + k in model_set for k in ckpt_keys):
-            return prefix
-    return None
-
-
-@contextlib.contextmanager
-def _hold_sigint() -> Iterator[list[bool]]:
-    """Hold back Ctrl-C for the block (main thread only); raise it when the block has finished."""
-    pending = [False]
-    try:
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, lambda *_: pending.__setitem__(0, True))
-    except (ValueError, OSError, TypeError):  # not the main thread: nothing to hold
-        yield pending
-        return
-    try:
-        yield pending
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if pending[0]:
-        raise KeyboardInterrupt("checkpoint: the load completed before Ctrl-C was honoured")
-
-
-def _tied_groups(model: nn.Module) -> list[list[str]]:
-    """Names of parameters that are one object (tied weights), in groups."""
-    by_id: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(n)
-    return [names for names in by_id.values() if len(names) > 1]
-
-
-def _retie(model: nn.Module, groups: list[list[str]]) -> tuple[list[str], list[str]]:
-    """After ``assign=True`` split tied parameters, make them one object again where the loaded
-    tensors hold the same values. Returns (re-tied names, names left split)."""
-    tied, split = [], []
-    for names in groups:
-        first = model.get_parameter(names[0])
-        for n in names[1:]:
-            other = model.get_parameter(n)
-            if other is first:
-                continue
-            same = (other.shape == first.shape and other.dtype == first.dtype
-                    and other.device == first.device
-                    and (other.data_ptr() == first.data_ptr() or bool(torch.equal(other, first))))
-            if same:
-                owner, _, leaf = n.rpartition(".")
-                setattr(model.get_submodule(owner), leaf, first)
-                tied.append(f"{n} = {names[0]}")
-            else:
-                split.append(n)
-    return tied, split
-
-
-def _check_optimizer(optimizer: torch.optim.Optimizer, state: Any, name: str) -> None:
-    groups = state.get("param_groups") if isinstance(state, Mapping) else None
-    if not isinstance(groups, list) or "state" not in state:
-        raise TorchMagicError(f"the checkpoint's optimizer entry is not an optimizer state dict "
-                              f"(keys: {', '.join(map(str, state))[:80]})")
-    mine = optimizer.param_groups
-    if len(groups) != len(mine):
-        raise TorchMagicError(f"{name} has {len(mine)} parameter groups, the checkpoint's optimizer "
-                              f"has {len(groups)}; nothing was loaded")
-    for i, (a, b) in enumerate(zip(groups, mine)):
-        if len(a.get("params", [])) != len(b["params"]):
-            raise TorchMagicError(f"{name} group {i} has {len(b['params'])} parameters, the "
-                                  f"checkpoint's has {len(a.get('params', []))}; nothing was loaded")
-
-
+# -- load ----------------------------------------------------------------------------------------
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
                     optimizer: torch.optim.Optimizer | None = None,
                     map_location: str | torch.device | None = None, weights_only: bool = True,
@@ -562,13 +350,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
         raise TorchMagicError(f"--optimizer {optimizer_name} is {a_type(optimizer)}, "
                               "not a torch.optim.Optimizer")
     path = os.path.expanduser(os.fspath(path))
-    if not os.path.exists(path):
-        raise TorchMagicError(f"{path} does not exist (working directory: {os.getcwd()})")
-    if os.path.isdir(path):
-        raise TorchMagicError(f"{path} is a directory, not a checkpoint file")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise TorchMagicError(f"{path} is empty (0 bytes): an interrupted save? nothing was loaded")
+    size, file_kind = check_source(path)
     loc: Any = None
     if map_location is not None:
         try:
@@ -596,9 +378,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
                               "takes the checkpoint's tensors")
 
     start = time.perf_counter()
-    obj = _read(path, map_location=loc, weights_only=weights_only, mmap=mmap)
+    obj = read_checkpoint(path, file_kind, map_location=loc, weights_only=weights_only, mmap=mmap)
     try:
-        state, found, opt_state, fmt, extras = _split(obj, key, path)
+        state, found, opt_state, fmt, extras = split_checkpoint(obj, key, path)
     except TorchMagicError as exc:
         if weights_only:
             raise
@@ -625,8 +407,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
     for k, v in state.items():
         mine = own.get(k)
         if isinstance(mine, torch.Tensor) and isinstance(v, torch.Tensor):
-            if tuple(mine.shape) != tuple(v.shape):
-                mismatched.append(KeyMismatch(k, tuple(v.shape), tuple(mine.shape)))
+            if access.shape(mine) != access.shape(v):
+                mismatched.append(KeyMismatch(k, access.shape(v), access.shape(mine)))
             elif mine.dtype != v.dtype:
                 casts[f"{v.dtype} -> {mine.dtype}".replace("torch.", "")] += 1
     ckpt_tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
@@ -642,7 +424,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
         extras=extras, notes=notes,
     )
     if missing or unexpected or mismatched:
-        report.prefix_fix = _prefix_fix(list(state), model_keys)
+        report.prefix_fix = prefix_fix(list(state), model_keys)
         if report.prefix_fix:
             flag, prefix = report.prefix_fix.split(" ", 1)  # "--strip-prefix module."
             fixed = ({k[len(prefix):] if k.startswith(prefix) else k for k in state}
@@ -672,11 +454,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
                    else "")
             raise CheckpointMismatch(f"no key of {path} matches {name}: nothing to load{fix}",
                                      report)
+    if optimizer is not None and opt_state is None:
+        raise TorchMagicError(f"--optimizer {optimizer_name}: {path} holds no optimizer state "
+                              "(save it with %checkpoint save MODEL PATH --optimizer OPT)")
+    check_tensors(own, state, assign, path, name)
     if optimizer is not None:
-        if opt_state is None:
-            raise TorchMagicError(f"--optimizer {optimizer_name}: {path} holds no optimizer state "
-                                  "(save it with %checkpoint save MODEL PATH --optimizer OPT)")
-        _check_optimizer(optimizer, opt_state, optimizer_name)
+        check_optimizer(optimizer, opt_state, optimizer_name)
 
     # Validate on a meta twin first: torch's own checks (custom _load_from_state_dict, hooks)
     # run without touching the user's model.
@@ -685,27 +468,36 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
     try:
         twin = meta_twin(model)
         twin.load_state_dict(state, strict=strict, assign=True)
+    except TorchMagicError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a validation failure is reported, model untouched
         raise TorchMagicError(f"load_state_dict refused the checkpoint: "
                               f"{' '.join(str(exc).split())[:300]}; the model is unchanged") from None
     finally:
         twin = None
 
-    groups = _tied_groups(model) if assign else []
+    groups = tied_groups(model) if assign else []
     tied: list[str] = []
     split: list[str] = []
+    backup = Backup(model, set(state), optimizer, copy_values=not assign)
     try:
-        with _hold_sigint():
-            result = model.load_state_dict(state, strict=strict, assign=assign)
-            if groups:
-                tied, split = _retie(model, groups)
-            if optimizer is not None:
-                optimizer.load_state_dict(opt_state)
-    except Exception as exc:  # noqa: BLE001 - passed validation on the twin, failed for real
+        with hold_sigint():
+            try:
+                result = model.load_state_dict(state, strict=strict, assign=assign)
+                if groups:
+                    tied, split = retie(model, groups)
+                if optimizer is not None:
+                    optimizer.load_state_dict(opt_state)
+            except Exception:
+                backup.restore()
+                raise
+    except Exception as exc:  # noqa: BLE001 - passed validation, failed for real: undone
+        undone = ("the model and optimizer were put back as they were" if backup.complete else
+                  f"{name} may be partly loaded (too large to back up): load it again")
         raise TorchMagicError(f"load_state_dict failed after the checks passed: "
                               f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}; "
-                              f"{name} may be partly loaded: load it again or rebuild it"
-                              ) from None
+                              f"{undone}") from None
+    del backup
     report.status = "loaded"
     report.loaded = len(state) - len(result.unexpected_keys)
     report.optimizer = type(optimizer).__name__ if optimizer is not None else None

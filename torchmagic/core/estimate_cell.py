@@ -5,14 +5,13 @@ twins of everything it touches. Nothing real is allocated, run or changed.
 The cell runs the way ``%%meta_shape --fake`` runs it (:func:`torchmagic.core.meta.meta_shape`:
 a copy of the namespace where the models and tensors the code uses are fake twins, ``FakeTensorMode``
 with a ``ShapeEnv`` so ``.item()`` continues as a symbol, global state restored, names not written
-back), with three additions made through its ``_setup`` hook:
+back), with additions made through its ``_setup`` hook:
 
-- optimizers the code uses (by name, also through notebook functions it calls) are replaced by
-  twins over the twin parameters, their state twinned too
-  (:func:`torchmagic.core.twin.twin_optimizer`); an optimizer without state yet gets it from one
-  step on zero gradients first, so the cell is measured as any step after the first
-  (``first_step=True`` measures it as the very first step). LR schedulers the code uses are copied
-  onto the optimizer twins, so ``sched.step()`` never changes the user's learning rate;
+- optimizers the code uses (by name, also through notebook functions it calls) are twins over the
+  twin parameters, their state twinned too, and LR schedulers twins over the optimizer twins
+  (``%%meta_shape``'s isolation: :func:`torchmagic.core.twin.twin_optimizer`); an optimizer
+  without state yet gets it from one step on zero gradients first, so the cell is measured as any
+  step after the first (``first_step=True`` measures it as the very first step);
 - scalar tensors (an optimizer's step count) become constant fakes, so code reading them works;
 - torch's ``MemTracker`` (:mod:`torchmagic.core.estimate_trace`) tracks the run: the twins present
   at the start count as parameters, buffers, gradients, optimizer state and inputs; what the cell
@@ -25,10 +24,7 @@ cannot be known, and the estimate says so in one line naming the cell line.
 from __future__ import annotations
 
 import contextlib
-import copy
-import re
 import time
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,56 +47,21 @@ class DataDependentSize(RuntimeError):
     """A tensor's size depends on values: its memory cannot be estimated on fake tensors."""
 
 
-def _names_used(source: str, namespace: dict[str, Any]) -> set[str]:
-    """Names in the code, plus the global names of notebook functions it calls (recursively)."""
-    from torchmagic.core.meta import _code_names as code_names
-
-    todo = set(re.findall(r"[A-Za-z_]\w*", source))
-    seen: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        value = namespace.get(name)
-        if isinstance(value, types.FunctionType) and value.__globals__ is namespace:
-            todo |= code_names(value.__code__) - seen
-    return seen
-
-
-def _is_scheduler(obj: Any) -> bool:
-    from torch.optim import lr_scheduler
-
-    kinds = tuple(c for c in (getattr(lr_scheduler, "LRScheduler", None),
-                              getattr(lr_scheduler, "_LRScheduler", None),
-                              getattr(lr_scheduler, "ReduceLROnPlateau", None)) if c is not None)
-    return isinstance(obj, kinds)
-
-
-def _scheduler_optimizers(obj: Any) -> list[torch.optim.Optimizer]:
-    out = []
-    if isinstance(getattr(obj, "optimizer", None), torch.optim.Optimizer):
-        out.append(obj.optimizer)
-    for sub in getattr(obj, "_schedulers", None) or []:  # SequentialLR, ChainedScheduler
-        out.extend(_scheduler_optimizers(sub))
-    return out
-
-
 class _Setup:
-    """What ``meta_shape(_setup=...)`` installs: converter, optimizer twins, the tracker."""
+    """What ``meta_shape(_setup=...)`` installs: the tensor converter (scalars as constants,
+    gradients carried) and, around the code, the optimizer warm-up and the memory tracker. The
+    twins themselves (models, tensors, optimizers with their state, LR schedulers) are made by
+    ``%%meta_shape``'s own isolation (:mod:`torchmagic.core.meta_namespace`)."""
 
-    def __init__(self, namespace: dict[str, Any], used: set[str], first_step: bool) -> None:
+    def __init__(self, namespace: dict[str, Any], first_step: bool) -> None:
         self.namespace = namespace
-        self.used = used
         self.first_step = first_step
         self.cache: dict[int, Any] = {}
         self.keep: list[Any] = []
-        self.optimizers: dict[int, torch.optim.Optimizer] = {}   # id(real) -> twin
         self.labels: list[str] = []
         self.tracker: Any = None
         self.roots: dict[str, nn.Module] = {}
         self.mode: Any = None
-        self.extra: dict[str, Any] = {}      # what the runner binds: optimizer/scheduler twins
 
     # the converter: each real tensor once, scalars as constants
     def convert(self, t: torch.Tensor) -> torch.Tensor:
@@ -125,24 +86,25 @@ class _Setup:
                 out.grad = fake_tensor(grad, self.mode)
         return out
 
-    def twin_optimizer(self, opt: torch.optim.Optimizer, name: str | None = None
-                       ) -> torch.optim.Optimizer:
-        from torchmagic.core.twin import twin_optimizer
-
-        twin = self.optimizers.get(id(opt))
-        if twin is not None:
-            return twin
-        twin = twin_optimizer(opt, self.cache, self.convert)
-        self.keep.append(opt)
-        self.optimizers[id(opt)] = twin
-        label = (f"{name}: " if name else "") + type(opt).__name__
-        if not opt.state and not self.first_step:
-            self._warm_up(twin)
-            label += " (state made by one step on zero gradients, as from the second step on)"
-        elif opt.state:
-            label += " (its state twinned)"
-        self.labels.append(label)
-        return twin
+    def _optimizers(self, twins: Any, new_ns: dict[str, Any]) -> list[torch.optim.Optimizer]:
+        """The optimizer twins, labelled; one without state gets it from a step on zero
+        gradients (so the cell is measured as any step after the first), unless
+        ``first_step``."""
+        names = {id(v): k for k, v in new_ns.items() if isinstance(v, torch.optim.Optimizer)}
+        found: dict[int, torch.optim.Optimizer] = {}
+        for twin in list(twins.iso.memo.values()):
+            if not isinstance(twin, torch.optim.Optimizer) or id(twin) in found:
+                continue
+            found[id(twin)] = twin
+            name = names.get(id(twin))
+            label = (f"{name}: " if name else "") + type(twin).__name__
+            if not twin.state and not self.first_step:
+                self._warm_up(twin)
+                label += " (state made by one step on zero gradients, as from the second step on)"
+            elif twin.state:
+                label += " (its state twinned)"
+            self.labels.append(label)
+        return list(found.values())
 
     def _warm_up(self, opt: torch.optim.Optimizer) -> None:
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
@@ -165,50 +127,30 @@ class _Setup:
         methods sits in a reference cycle: without this, the user's tensors would wait for the
         garbage collector)."""
         self.namespace = {}
-        self.extra.clear()
         self.cache.clear()
         self.keep.clear()
-        self.optimizers.clear()
 
     def __call__(self, runner: Any) -> None:
         self.mode = runner.fake_mode
         runner.convert = self.convert
-        extra: dict[str, Any] = {}
-        for name in sorted(self.used):
-            value = self.namespace.get(name)
-            if isinstance(value, torch.optim.Optimizer):
-                extra[name] = self.twin_optimizer(value, name)
-        for name in sorted(self.used):
-            value = self.namespace.get(name)
-            if _is_scheduler(value):
-                memo: dict[int, Any] = {id(o): self.twin_optimizer(o)
-                                        for o in _scheduler_optimizers(value)}
-                for twin in memo.values():
-                    _mark_scheduled(twin)
-                try:
-                    extra[name] = copy.deepcopy(value, memo)
-                except Exception as exc:  # noqa: BLE001 - an unusual scheduler
-                    raise TorchMagicError(f"cannot copy the LR scheduler {name!r} onto the "
-                                          f"optimizer twin ({type(exc).__name__}: {exc})") \
-                        from None
-        self.extra = runner.extra = extra
         runner.around = self.around
 
     @contextlib.contextmanager
-    def around(self, conv: Any) -> Iterator[None]:
+    def around(self, twins: Any, new_ns: dict[str, Any]) -> Iterator[None]:
         from torch._subclasses.fake_tensor import FakeTensor
 
-        self.roots = dict(conv.roots)
+        optimizers = self._optimizers(twins, new_ns)
+        self.roots = dict(twins.roots)
         tracker = tracker_class()({m: n for n, m in self.roots.items()})
         self.tracker = tracker
         tensors: dict[int, torch.Tensor] = {}
-        for t in [*conv.memo.values(), *self.cache.values()]:
+        for t in [*twins.iso.memo.values(), *self.cache.values()]:
             if isinstance(t, FakeTensor):
                 tensors[id(t)] = t
         tracker.track_external(*tensors.values())
         for m in self.roots.values():
             tracker.track_external(m)
-        for o in self.optimizers.values():
+        for o in optimizers:
             tracker.track_external(o)
         _guard_sizes(tracker)
         with tracker:
@@ -216,22 +158,6 @@ class _Setup:
             tracker.label = "forward"
             yield
             tracker.sample()
-
-
-def _mark_scheduled(opt: torch.optim.Optimizer) -> None:
-    """What an LR scheduler does to its optimizer (``LRScheduler.__init__``): a per-instance
-    ``step`` that records it was called, so the scheduler twin does not warn that the optimizer's
-    step was overridden. Only on the twin."""
-    if getattr(vars(opt).get("step"), "_wrapped_by_lr_sched", False):
-        return
-    step = type(opt).step
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        opt._opt_called = True  # type: ignore[attr-defined]
-        return step(opt, *args, **kwargs)
-
-    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    opt.step = wrapper  # type: ignore[method-assign]
 
 
 def _guard_sizes(tracker: Any) -> None:
@@ -274,7 +200,7 @@ def estimate_cell(source: str, namespace: dict[str, Any], *, device: Any = None,
         raise TorchMagicError(f"top must be a whole number >= 0; got {top!r}")
     res = DEFAULT_RESERVE if reserve is None else parse_bytes(reserve, "reserve")
     capacity = resolve_capacity(device, memory, reserve)
-    setup = _Setup(namespace, _names_used(source, namespace), first_step)
+    setup = _Setup(namespace, first_step)
     try:
         with quiet_fake_tensor_log():
             report = meta_shape(source, namespace, depth=0, fake=True, _flag="%%estimate",

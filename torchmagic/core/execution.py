@@ -9,10 +9,13 @@ display). Source lines are registered in ``linecache`` under a stable name so tr
 from __future__ import annotations
 
 import ast
+import contextlib
+import copy
 import itertools
 import linecache
 import traceback
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -135,3 +138,52 @@ def compile_user_cell(source: str, label: str, purpose: str = "run") -> Compiled
     if cell.last_expr is None and not ast.parse(source).body:
         raise TorchMagicError(f"the cell has only comments: put the code to {purpose} in the cell")
     return cell
+
+
+# -- running a cell on a copy of the namespace ----------------------------------------------------
+def rebind_function(fn: types.FunctionType, globals_: dict[str, Any],
+                    closure: tuple[Any, ...] | None = None) -> types.FunctionType:
+    """``fn`` re-created with ``globals_`` (and ``closure``): ``global x; x = ...`` inside it then
+    writes into ``globals_``, not into the namespace it was defined in."""
+    new = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__,
+                             closure if closure is not None else fn.__closure__)
+    new.__kwdefaults__ = copy.copy(fn.__kwdefaults__)
+    new.__qualname__ = fn.__qualname__
+    new.__dict__.update(fn.__dict__)
+    new.__wrapped_original__ = fn  # type: ignore[attr-defined]
+    return new
+
+
+def namespace_copy(namespace: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``namespace`` in which the functions defined in it (notebook functions)
+    are re-bound to the copy: code run in the copy, and the functions it calls, assign names in
+    the copy only (``global counter; counter += 1`` included)."""
+    ns = dict(namespace)
+    for name, value in namespace.items():
+        if isinstance(value, types.FunctionType) and value.__globals__ is namespace:
+            ns[name] = rebind_function(value, ns)
+    return ns
+
+
+@contextlib.contextmanager
+def namespace_guard(namespaces: list[dict[str, Any]],
+                    on_undone: Callable[[list[str]], None] | None = None) -> Iterator[None]:
+    """Undo any binding made in ``namespaces`` during the block (code that runs on a copy of the
+    namespace may still reach the real one: ``get_ipython().user_ns[...] = ...``, a line magic
+    such as ``%time x = ...``): new names are removed and rebound names restored, on every path.
+    ``on_undone(names)`` is told what was undone."""
+    before = [(ns, dict(ns)) for ns in namespaces]
+    try:
+        yield
+    finally:
+        undone: list[str] = []
+        for ns, old in before:
+            for name in [k for k in ns if k not in old]:
+                del ns[name]
+                undone.append(name)
+            for name, value in old.items():
+                if name not in ns or ns[name] is not value:
+                    ns[name] = value
+                    undone.append(name)
+        if undone and on_undone is not None:
+            on_undone(undone)

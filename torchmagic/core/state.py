@@ -1,8 +1,15 @@
 """Save and restore global torch state around anything torchmagic runs.
 
 Invariant 1 of the project: the user's global torch state (default device and dtype, grad mode,
-inference mode is read-only here, anomaly mode, autocast, RNG) is the same after a magic as before,
-on success, on an exception and on KeyboardInterrupt.
+inference mode is read-only here, anomaly mode, autocast, RNG, thread counts, deterministic
+algorithms, float32 matmul precision and the TF32 / reduced-precision / cuDNN / oneDNN / SDPA backend
+flags) is the same after a magic as before, on success, on an exception and on KeyboardInterrupt.
+
+The float32 precision settings are captured through torch's per-backend ``fp32_precision`` values
+(``torch.backends.cuda.matmul.fp32_precision``...), which the legacy setters
+(``torch.set_float32_matmul_precision``, ``torch.backends.cuda.matmul.allow_tf32``,
+``torch.backends.cudnn.allow_tf32``) write through: restoring those values restores both APIs, and
+reading them never raises (the legacy getters raise once both APIs were mixed).
 """
 
 from __future__ import annotations
@@ -16,6 +23,142 @@ import torch
 import torch.nn as nn
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
+
+# (backend, op) pairs of torch's fp32_precision settings (generic only has "all").
+_FP32_PAIRS = (("generic", "all"), ("cuda", "all"), ("cuda", "matmul"), ("cuda", "conv"),
+               ("cuda", "rnn"), ("mkldnn", "all"), ("mkldnn", "matmul"), ("mkldnn", "conv"),
+               ("mkldnn", "rnn"))
+# Independent backend flags: name -> (torch._C getter, torch._C setter). A tuple value is passed
+# to the setter spread out. Flags this torch build lacks are skipped.
+_FLAGS = {
+    "cuda.matmul.allow_fp16_reduced_precision_reduction": (
+        "_get_cublas_allow_fp16_reduced_precision_reduction",
+        "_set_cublas_allow_fp16_reduced_precision_reduction"),
+    "cuda.matmul.allow_bf16_reduced_precision_reduction": (
+        "_get_cublas_allow_bf16_reduced_precision_reduction",
+        "_set_cublas_allow_bf16_reduced_precision_reduction"),
+    "cuda.matmul.allow_fp16_accumulation": ("_get_cublas_allow_fp16_accumulation",
+                                            "_set_cublas_allow_fp16_accumulation"),
+    "cudnn.enabled": ("_get_cudnn_enabled", "_set_cudnn_enabled"),
+    "cudnn.benchmark": ("_get_cudnn_benchmark", "_set_cudnn_benchmark"),
+    "cudnn.deterministic": ("_get_cudnn_deterministic", "_set_cudnn_deterministic"),
+    "mkldnn.enabled": ("_get_mkldnn_enabled", "_set_mkldnn_enabled"),
+    "mkldnn.deterministic": ("_get_mkldnn_deterministic", "_set_mkldnn_deterministic"),
+    "cuda.flash_sdp": ("_get_flash_sdp_enabled", "_set_sdp_use_flash"),
+    "cuda.mem_efficient_sdp": ("_get_mem_efficient_sdp_enabled", "_set_sdp_use_mem_efficient"),
+    "cuda.math_sdp": ("_get_math_sdp_enabled", "_set_sdp_use_math"),
+    "cuda.cudnn_sdp": ("_get_cudnn_sdp_enabled", "_set_sdp_use_cudnn"),
+    "cuda.math_sdp_allow_fp16_bf16_reduction": ("_get_math_sdp_allow_fp16_bf16_reduction",
+                                                "_set_math_sdp_allow_fp16_bf16_reduction"),
+    "deterministic_fill_uninitialized_memory": ("_get_deterministic_fill_uninitialized_memory",
+                                                "_set_deterministic_fill_uninitialized_memory"),
+}
+
+
+def _legacy_matmul_precision() -> str | None:
+    """torch's legacy float32 matmul precision (a variable of its own beside the fp32_precision
+    values). Its getter raises when both APIs were mixed; the value is then read with the two
+    matmul precisions it is checked against set to "ieee" for a moment (and put back)."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        pass
+    C = torch._C
+    pairs = (("cuda", "matmul"), ("mkldnn", "matmul"))
+    saved = [C._get_fp32_precision_getter(b, o) for b, o in pairs]
+    try:
+        for b, o in pairs:
+            C._set_fp32_precision_setter(b, o, "ieee")
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+    finally:
+        for (b, o), v in zip(pairs, saved):
+            C._set_fp32_precision_setter(b, o, v)
+
+
+def _legacy_cudnn_tf32() -> bool | None:
+    """torch's legacy cuDNN TF32 flag (``torch.backends.cudnn.allow_tf32``), read the same way:
+    its getter raises unless the conv and rnn precisions agree with it."""
+    C = torch._C
+    try:
+        return bool(C._get_cudnn_allow_tf32())
+    except RuntimeError:
+        pass
+    pairs = (("cuda", "conv"), ("cuda", "rnn"))
+    saved = [C._get_fp32_precision_getter(b, o) for b, o in pairs]
+    try:
+        for b, o in pairs:
+            C._set_fp32_precision_setter(b, o, "tf32")
+        try:
+            C._get_cudnn_allow_tf32()
+            return True
+        except RuntimeError:
+            return False
+    finally:
+        for (b, o), v in zip(pairs, saved):
+            C._set_fp32_precision_setter(b, o, v)
+
+
+def _backend_flags() -> dict[str, Any]:
+    """The float32 precision settings and backend flags (see the module docstring)."""
+    C = torch._C
+    out: dict[str, Any] = {}
+    getter = getattr(C, "_get_fp32_precision_getter", None)
+    if getter is not None:
+        out["float32_matmul_precision"] = _legacy_matmul_precision()
+        out["cudnn.allow_tf32"] = _legacy_cudnn_tf32()
+        for backend, op in _FP32_PAIRS:
+            try:
+                out[f"fp32_precision[{backend}.{op}]"] = getter(backend, op)
+            except (RuntimeError, TypeError):
+                continue
+    else:  # older torch: the legacy settings are the whole state
+        out["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        out["cudnn.allow_tf32"] = bool(C._get_cudnn_allow_tf32())
+        out["cuda.matmul.allow_tf32"] = bool(C._get_cublas_allow_tf32())
+    for name, (get, set_) in _FLAGS.items():
+        fn = getattr(C, get, None)
+        if fn is not None and hasattr(C, set_):
+            try:
+                out[name] = fn()
+            except RuntimeError:
+                continue
+    return out
+
+
+def _restore_backend_flags(saved: dict[str, Any]) -> None:
+    """Put the settings of :func:`_backend_flags` back: the legacy values first (their setters
+    also write fp32_precision values), then every fp32_precision value, then the flags."""
+    C = torch._C
+    now = _backend_flags()
+    if now == saved:
+        return
+    if saved.get("float32_matmul_precision") is not None:
+        C._set_float32_matmul_precision(saved["float32_matmul_precision"])
+    if saved.get("cudnn.allow_tf32") is not None:
+        C._set_cudnn_allow_tf32(saved["cudnn.allow_tf32"])
+    if "cuda.matmul.allow_tf32" in saved:
+        C._set_cublas_allow_tf32(saved["cuda.matmul.allow_tf32"])
+    for name, value in saved.items():
+        if name.startswith("fp32_precision["):
+            backend, op = name[len("fp32_precision["):-1].split(".")
+            C._set_fp32_precision_setter(backend, op, value)
+        elif name in _FLAGS and now.get(name) != value:
+            setter = getattr(C, _FLAGS[name][1])
+            if isinstance(value, tuple):
+                setter(*value)
+            else:
+                setter(value)
+
+
+def _set_interop_threads(n: int) -> None:
+    """``torch.set_num_interop_threads`` works once, before any inter-op work; later it raises.
+    Then the count cannot have changed either (except by that one call): nothing to undo."""
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:
+        pass
 
 
 def _mode_stack() -> list[Any]:
@@ -47,6 +190,10 @@ class GlobalState:
     # there, and the user's next set_default_device(None) would then leave meta as the default.
     device_context: Any = None
     current_device: Any = None
+    num_threads: int = 0
+    interop_threads: int = 0
+    deterministic: tuple[bool, bool] = (False, False)  # (use_deterministic_algorithms, warn_only)
+    backend_flags: dict[str, Any] | None = None
 
     @classmethod
     def capture(cls) -> GlobalState:
@@ -68,6 +215,11 @@ class GlobalState:
             function_modes=_mode_stack(),
             device_context=getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", _UNSET),
             current_device=_current_device(),
+            num_threads=torch.get_num_threads(),
+            interop_threads=torch.get_num_interop_threads(),
+            deterministic=(torch.are_deterministic_algorithms_enabled(),
+                           torch.is_deterministic_algorithms_warn_only_enabled()),
+            backend_flags=_backend_flags(),
         )
 
     def restore(self) -> None:
@@ -84,13 +236,29 @@ class GlobalState:
             torch.cuda.set_rng_state_all(self.cuda_rng)
         _restore_mode_stack(self.function_modes)
         _restore_device_context(self.device_context, self.current_device)
+        if self.num_threads and torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        if self.interop_threads and torch.get_num_interop_threads() != self.interop_threads:
+            _set_interop_threads(self.interop_threads)
+        if (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled()) != self.deterministic:
+            torch.use_deterministic_algorithms(self.deterministic[0],
+                                               warn_only=self.deterministic[1])
+        if self.backend_flags is not None:
+            _restore_backend_flags(self.backend_flags)
 
     def diff(self, other: GlobalState) -> list[str]:
         """Names of the settings that differ between two snapshots (for tests and checks)."""
         out = []
         for name in ("default_dtype", "grad_enabled", "anomaly_enabled", "anomaly_check_nan",
-                     "autocast", "autocast_cache"):
+                     "autocast", "autocast_cache", "num_threads", "interop_threads"):
             if getattr(self, name) != getattr(other, name):
+                out.append(name)
+        if self.deterministic != other.deterministic:
+            out.append("deterministic algorithms (use_deterministic_algorithms, warn_only)")
+        mine, theirs = self.backend_flags or {}, other.backend_flags or {}
+        for name in sorted(set(mine) | set(theirs)):
+            if mine.get(name) != theirs.get(name):
                 out.append(name)
         if not torch.equal(self.rng, other.rng):
             out.append("rng")

@@ -9,9 +9,10 @@ The forward always runs on a twin (:mod:`torchmagic.core.twin`), never on the us
 - ``meta=True`` (or a model already on meta): a meta twin (no weight read, no memory);
 - ``device=D``: a copy on ``D`` (``device_twin``) unless the model already lives there.
 
-A model that cannot be deep-copied (an attribute such as a lock or an open file) runs on itself
-through ``torch.func.functional_call`` with cloned buffers, and the result says that attributes
-its forward writes are not isolated. Training flags follow ``mode`` (``same`` keeps each module's
+Twins are isolated by :mod:`torchmagic.core.isolation` (locks shared, containers and hooks'
+side effects copied); a model holding something that can be neither copied nor shared (a generator,
+an open file) is refused in one line naming it: the forward never runs on the user's own module.
+Training flags follow ``mode`` (``same`` keeps each module's
 own flag); everything runs under ``torch.no_grad()`` inside ``preserved_global_state()``;
 ``nn.MultiheadAttention``/``TransformerEncoderLayer`` fast paths are switched off for the run so
 their submodules are visible.
@@ -67,12 +68,14 @@ def plan_run(model: nn.Module, meta: bool, device: Any) -> Plan:
     target = dev if dev is not None else model_device(model)
     try:
         return Plan(shared_twin(model), target)
-    except Exception as exc:  # noqa: BLE001 - a model deepcopy cannot copy: run on itself
-        msg = " ".join(str(exc).split())[:120]
-        return Plan(model, target, is_twin=False, notes=[
-            f"the model could not be copied ({type(exc).__name__}: {msg}): the forward ran on "
-            "the model itself with cloned buffers; Python attributes its forward sets are not "
-            "isolated"])
+    except TorchMagicError:
+        raise  # IsolationError: names the attribute that cannot be isolated, and why
+    except Exception as exc:  # noqa: BLE001 - e.g. a __deepcopy__ of the user's that raises
+        msg = " ".join(str(exc).split())[:160]
+        raise TorchMagicError(
+            f"{type(model).__name__} could not be copied to run on a twin ({type(exc).__name__}: "
+            f"{msg}); the forward never runs on the model itself, whose Python attributes it "
+            "could change") from None
 
 
 @dataclass

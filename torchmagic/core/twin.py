@@ -4,6 +4,15 @@
 weight is read or copied (about 1 ms), tied parameters stay tied (the deepcopy memo maps each tensor
 once), hooks and training flags are copied with the module. ``model.to("meta")`` would instead
 destroy the user's weights in place.
+
+Every twin is isolated (:mod:`torchmagic.core.isolation`): its Python attributes, containers and
+the side effects of its hooks (bound-method owners, closure variables, globals a hook writes to, such
+as a list a forward hook appends outputs to) land on copies, never on the user's objects; an object
+that cannot be isolated (a generator, an open file, ...) is refused with one line naming it and why
+(:class:`~torchmagic.core.isolation.IsolationError`). Optimizers, LR schedulers and GradScalers have
+twins too (:func:`twin_optimizer`, :func:`twin_lr_scheduler`, :func:`twin_grad_scaler`): pass the
+:class:`~torchmagic.core.isolation.Isolation` the model was twinned with, and the twin optimizer holds
+the twin parameters, its state (``exp_avg``...) converted the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from torchmagic.core.isolation import Isolation, IsolationError
 
 
 def uninitialized_like(t: torch.Tensor, device: Any = None) -> torch.Tensor:
@@ -67,10 +78,136 @@ def tensor_memo(model: nn.Module, convert: Any = meta_tensor) -> dict[int, Any]:
     return memo
 
 
-def twin(model: nn.Module, convert: Any = meta_tensor) -> nn.Module:
-    """Deep copy of ``model`` whose tensors are ``convert(t)`` (tying preserved)."""
-    memo = tensor_memo(model, convert)
-    return copy.deepcopy(model, memo)
+def _label(convert: Any) -> str:
+    return {meta_tensor: "meta"}.get(convert, "twin")
+
+
+def twin(model: nn.Module, convert: Any = meta_tensor, *, isolation: Isolation | None = None,
+         name: str = "") -> nn.Module:
+    """Isolated deep copy of ``model`` whose tensors are ``convert(t)`` (tying preserved).
+
+    ``isolation``: share one memo with other twins of the same run (an optimizer twinned after
+    its model then holds the twin parameters); default: a new one using ``convert``. ``name``
+    names the model in messages. Raises :class:`IsolationError` (a :class:`TorchMagicError`)
+    when some part of the model cannot be copied and must not be shared.
+    """
+    iso = isolation if isolation is not None else Isolation(convert, _label(convert))
+    name = name or type(model).__name__
+    try:
+        memo = tensor_memo(model, iso.convert)
+    except Exception:  # noqa: BLE001 - find the tensor that cannot be converted, and name it
+        for tname, t in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+            iso.tensor(t, f"{name}.{tname}")
+        raise
+    for key, value in memo.items():
+        if key not in iso.memo:
+            iso.memo[key] = value
+            iso.converted += 1
+    iso.keep.append(model)  # its tensors, whose ids are memo keys, stay alive as long as iso
+    return iso.copy(model, name)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = [p for g in optimizer.param_groups for p in g["params"]]
+    for p, st in optimizer.state.items():
+        if isinstance(p, torch.Tensor):
+            out.append(p)
+        if isinstance(st, dict):
+            out.extend(v for v in st.values() if isinstance(v, torch.Tensor))
+    return out
+
+
+def twin_optimizer(optimizer: torch.optim.Optimizer, convert: Any = meta_tensor, *,
+                   isolation: Isolation | None = None, name: str = "optimizer"
+                   ) -> torch.optim.Optimizer:
+    """A copy of ``optimizer`` over twin parameters, its state included.
+
+    Twin the model first with the same ``isolation`` (``twin(model, isolation=iso)``): the twin
+    optimizer's parameter groups then hold the model twin's parameters (tying and order kept) and
+    its state (``exp_avg``, ``step``...) is converted like every tensor of the run. Without one,
+    the parameters are converted here. Stepping the twin never touches ``optimizer`` (hooks
+    registered on ``optimizer`` are not copied: ``copy.deepcopy`` of an optimizer keeps its
+    defaults, state and groups).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise IsolationError(f"{name} is {type(optimizer).__name__}, not a torch.optim.Optimizer")
+    iso = isolation if isolation is not None else Isolation(convert, _label(convert))
+    for t in _optimizer_tensors(optimizer):
+        iso.tensor(t)
+    new = iso.copy(optimizer, name)
+    if hasattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched"):
+        _track_step_called(new)  # as an LR scheduler patched the original
+    if hasattr(optimizer, "_opt_called"):
+        new._opt_called = optimizer._opt_called
+    return new
+
+
+def _track_step_called(opt: torch.optim.Optimizer) -> None:
+    """What ``LRScheduler.__init__`` does to its optimizer's ``step`` (so the twin scheduler does
+    not warn that ``optimizer.step()`` was overridden)."""
+    import functools
+    import weakref
+
+    opt_ref = weakref.ref(opt)
+    func = type(opt).step
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        owner = opt_ref()
+        owner._opt_called = True  # type: ignore[union-attr]
+        return func.__get__(owner, type(owner))(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    opt.step = wrapper  # type: ignore[method-assign]
+
+
+def twin_lr_scheduler(scheduler: Any, convert: Any = meta_tensor, *,
+                      isolation: Isolation | None = None, name: str = "scheduler") -> Any:
+    """A copy of an LR scheduler whose ``optimizer`` is the twin of its optimizer (made with the
+    same ``isolation`` if it was twinned already, else here): stepping it changes the twin's
+    learning rates only."""
+    opt = getattr(scheduler, "optimizer", None)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise IsolationError(f"{name} ({type(scheduler).__name__}) has no optimizer: not an LR "
+                             "scheduler")
+    iso = isolation if isolation is not None else Isolation(convert, _label(convert))
+    if id(opt) not in iso.memo:
+        twin_optimizer(opt, isolation=iso, name=f"{name}.optimizer")
+    new = iso.copy(scheduler, name)
+    if not hasattr(getattr(new.optimizer, "step", None), "_wrapped_by_lr_sched"):
+        _track_step_called(new.optimizer)
+    return new
+
+
+def twin_grad_scaler(scaler: Any, convert: Any = meta_tensor, *,
+                     isolation: Isolation | None = None, name: str = "scaler") -> Any:
+    """A copy of a ``torch.amp.GradScaler`` (also mid-iteration, which pickling refuses): its
+    scale and growth tracker converted, its per-optimizer states keyed by the twin optimizers
+    (twin those first with the same ``isolation``)."""
+    if not hasattr(scaler, "_per_optimizer_states") or not hasattr(scaler, "get_scale"):
+        raise IsolationError(f"{name} is {type(scaler).__name__}, not a GradScaler")
+    iso = isolation if isolation is not None else Isolation(convert, _label(convert))
+    state = dict(vars(scaler))
+    per_opt = state.pop("_per_optimizer_states", {})
+    for value in state.values():
+        if isinstance(value, torch.Tensor):
+            iso.tensor(value)
+    new = object.__new__(type(scaler))
+    iso.set_twin(scaler, new)
+    iso.scan(state, name)
+    iso.flush()
+    new.__dict__.update(copy.deepcopy(state, iso.memo))
+    remapped = type(per_opt)(per_opt.default_factory) if hasattr(per_opt, "default_factory") \
+        else {}
+    for key, value in per_opt.items():
+        twin_opt = next((iso.memo[k] for k in (key,) if k in iso.memo), None)
+        new_key = id(twin_opt) if twin_opt is not None else key
+        iso.scan(value, f"{name}._per_optimizer_states")
+        iso.flush()
+        remapped[new_key] = copy.deepcopy(value, iso.memo)
+    new._per_optimizer_states = remapped
+    return new
 
 
 def meta_twin(model: nn.Module) -> nn.Module:
@@ -91,7 +228,7 @@ def device_twin(model: nn.Module, device: torch.device | str) -> nn.Module:
             return nn.Parameter(moved, requires_grad=t.requires_grad)
         return moved
 
-    return twin(model, convert)
+    return twin(model, isolation=Isolation(convert, f"{device} copy"))
 
 
 def shared_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -139,54 +276,10 @@ def fake_tensor(t: torch.Tensor, mode: Any) -> torch.Tensor:
 def fake_twin(model: nn.Module, mode: Any) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are fake tensors of ``mode`` (tying kept):
     run it inside ``with mode:`` without ``allow_non_fake_inputs``."""
-    return twin(model, lambda t: fake_tensor(t, mode))
+    return twin(model, isolation=Isolation(lambda t: fake_tensor(t, mode), "fake"))
 
 
-_HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-               "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-               "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
-
-
-def twin_optimizer(optimizer: torch.optim.Optimizer, param_map: dict[int, torch.Tensor],
-                   convert: Any) -> torch.optim.Optimizer:
-    """A copy of ``optimizer`` over twin parameters, with its state twinned too.
-
-    ``param_map``: ``id(real parameter) -> twin parameter`` (the tensors of a model twin, so the
-    optimizer twin updates that twin's parameters); a parameter not in it is made by
-    ``convert(p)`` and added. Every other tensor (state such as ``exp_avg``/``step``, tensor
-    hyperparameters such as a tensor ``lr``) becomes ``convert(t)``; plain values are deep-copied.
-    The twin has the optimizer's own class, hyperparameters, ``param_groups`` structure and hooks
-    (hook dictionaries copied, so hooks added to the twin never reach the user's optimizer). The
-    per-instance ``step`` wrapper an LR scheduler installs (bound to the original optimizer) is not
-    copied: the twin's ``step`` is its class's. ``optimizer`` is not touched.
-    """
-    import collections
-
-    def twin_param(p: torch.Tensor) -> torch.Tensor:
-        if id(p) not in param_map:
-            param_map[id(p)] = convert(p)
-        return param_map[id(p)]
-
-    def value(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return convert(v)
-        return copy.deepcopy(v)
-
-    new = object.__new__(type(optimizer))
-    attrs = dict(vars(optimizer))
-    attrs.pop("step", None)  # an LR scheduler's wrapper that calls the *original* optimizer
-    new.__dict__.update(attrs)
-    for name in _HOOK_DICTS:
-        hooks = attrs.get(name)
-        if isinstance(hooks, dict):
-            setattr(new, name, type(hooks)(hooks))
-    new.defaults = {k: value(v) for k, v in optimizer.defaults.items()}
-    new.param_groups = [
-        {k: ([twin_param(p) for p in v] if k == "params" else value(v)) for k, v in g.items()}
-        for g in optimizer.param_groups
-    ]
-    state: collections.defaultdict[torch.Tensor, dict[str, Any]] = collections.defaultdict(dict)
-    for p, s in optimizer.state.items():
-        state[twin_param(p)] = {k: value(v) for k, v in s.items()}
-    new.state = state
-    return new
+__all__ = ["Isolation", "IsolationError", "device_twin", "fake_tensor", "fake_twin",
+           "is_meta_model", "meta_tensor", "meta_twin", "model_devices", "shared_tensor",
+           "shared_twin", "tensor_memo", "twin", "twin_grad_scaler", "twin_lr_scheduler",
+           "twin_optimizer", "uninitialized_like"]

@@ -43,7 +43,8 @@ def _origin_rows(rep: Any) -> list[tuple[str, str]]:
     rows.append(("inputs", format_shapes(o.input_shapes)))
     rows.append(("output", f"{format_shapes(o.output_shapes)}: {_counts(o.nan, o.inf)}"))
     if rep.origin_kind == "born":
-        rows.append(("why", "first op to produce NaN/Inf from finite inputs"))
+        rows.append(("why", f"first op to produce {'NaN' if o.nan else 'Inf'} from "
+                            f"{o.inputs_held}"))
     else:
         rows.append(("why", "no op produced it: a tensor given to the code already held "
                      + ("NaN" if o.nan else "Inf")))
@@ -72,8 +73,8 @@ def _births_table(rep: Any) -> Table:
     more = rep.births_total - len(rep.births)
     return Table(["#op", "op", "module", "line", "NaN", "Inf"], rows,
                  align=["r", "l", "l", "l", "r", "r"],
-                 title=f"Births: first {len(rep.births)} of {rep.births_total} ops that turned "
-                 "finite inputs into NaN/Inf",
+                 title=f"Births: first {len(rep.births)} of {rep.births_total} ops that produced "
+                 "NaN/Inf their inputs did not hold",
                  notes=[f"... {more} more (raise --first)"] if more > 0 else [])
 
 
@@ -164,7 +165,8 @@ def _parts_html(rep: Any) -> dict[str, str]:
     else:
         parts["header"] = f'<div class="tm-bad">NaN/Inf found: {esc(rep.summary)}</div>'
     if rep.origin is not None:
-        title = ("Origin (forward): first op to produce NaN/Inf from finite inputs"
+        title = (f"Origin (forward): first op to produce {'NaN' if rep.origin.nan else 'Inf'} "
+                 f"from {rep.origin.inputs_held}"
                  if rep.origin_kind == "born" else "Origin (forward): entered through an input")
         parts["origin"] = (f'<div class="tm-title" style="margin-top:6px">{esc(title)}</div>'
                            + _kv_html(_origin_rows(rep), True))

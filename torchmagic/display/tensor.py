@@ -128,9 +128,9 @@ def _table_text(obj: Any) -> str:
         footer.append(("by device", ", ".join(
             f"{d}: {human_bytes(b)}" + (" (not allocated)" if d.startswith("meta") or "fake" in d
                                         else "") for d, b in sorted(obj.by_device.items()))))
-    notes = []
+    notes = list(getattr(obj, "notes", []))
     if any(r.flag == "?" for r in obj.rows):
-        notes.append("flag ? = values unknown (meta/fake/sparse/nested tensor)")
+        notes.append("flag ? = values unknown (meta/fake/quantized/sparse/opaque tensor)")
     return Table(headers=["name", "shape", "dtype", "device", "bytes", "requires_grad", "flag",
                           "memory"],
                  rows=rows, align=["l", "l", "l", "l", "r", "l", "l", "l"],

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import keyword
 import re
 import shlex
 from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -120,13 +122,93 @@ def one_line(msg: str) -> str:
 
 @contextlib.contextmanager
 def user_errors(prefix: str) -> Iterator[None]:
-    """Turn torchmagic's user-facing errors into one-line ``UsageError``s: ``%summary: ...``."""
+    """Turn torchmagic's user-facing errors into one-line ``UsageError``s: ``%summary: ...``.
+
+    The ``UsageError`` raised here still chains the internal error; every registered magic is
+    wrapped by :func:`clean_errors`, which replaces it with a bare one before IPython sees it."""
     try:
         yield
     except TorchMagicError as exc:
         raise UsageError(f"{prefix}: {one_line(str(exc))}") from None
     except ForwardError as exc:
         raise UsageError(f"{prefix}: {one_line(str(exc))}") from None
+
+
+_OWN_FILES = ("/torchmagic/",)
+
+
+def _own_frame(tb: TracebackType) -> bool:
+    return any(p in tb.tb_frame.f_code.co_filename.replace("\\", "/") for p in _OWN_FILES)
+
+
+def _last(exc: BaseException) -> TracebackType:
+    tb = exc.__traceback__
+    assert tb is not None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb
+
+
+def strip_own_frames(exc: BaseException) -> BaseException:
+    """Drop torchmagic's own frames from the traceback of the user's exception ``exc`` (in
+    place; returns ``exc``) and forget their local variables: the exception a magic re-raises for
+    the user's cell keeps the user's frames only, like a plain cell's, so it keeps nothing of
+    torchmagic's alive (a copy of the namespace, twins, the model). An exception that did not come
+    through the user's own code (no frame of a cell or a user file: a bug in torchmagic, or in
+    what it called) keeps its whole traceback."""
+    from torchmagic.core.isolation import is_user_file
+
+    tb = exc.__traceback__
+    kept: list[TracebackType] = []
+    dropped: list[TracebackType] = []
+    while tb is not None:
+        (dropped if _own_frame(tb) else kept).append(tb)
+        tb = tb.tb_next
+    if not dropped or _own_frame(_last(exc)) or not any(
+            is_user_file(t.tb_frame.f_code.co_filename) for t in kept):
+        return exc
+    for a, b in zip(kept, kept[1:]):
+        a.tb_next = b
+    if kept:
+        kept[-1].tb_next = None
+    for t in dropped:
+        try:
+            t.tb_frame.clear()  # a finished frame: its locals go now
+        except RuntimeError:  # still executing (the magic re-raising it): it ends right after
+            pass
+    exc.__traceback__ = kept[0] if kept else None
+    return exc
+
+
+def clean_errors(fn: Callable[..., Any], owner: Any, name: str) -> Callable[..., Any]:
+    """Wrap a registered magic so that the one-line error the user sees keeps nothing alive.
+
+    A ``UsageError`` (or a :class:`TorchMagicError` / :class:`ForwardError` that escaped
+    :func:`user_errors`) becomes a new ``UsageError`` with the same one-line message, raised
+    outside any ``except`` block: no ``__context__``/``__cause__`` chain to the internal error
+    and no traceback frames of torchmagic's code, whose local variables hold the user's model.
+    IPython keeps the error shown in ``sys.last_value``; after ``del model; gc.collect()`` the
+    model is freed, as it is after a plain cell's error. Other exceptions (the user's own, from
+    their cell) pass through unchanged, less torchmagic's frames (:func:`strip_own_frames`)."""
+
+    @functools.wraps(fn)
+    def magic(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True  # IPython shows the user's frames, not ours
+        message = None
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as exc:
+            message = str(exc)
+        except (TorchMagicError, ForwardError) as exc:
+            message = f"{name}: {one_line(str(exc))}"
+        except BaseException as exc:  # the user's own error (or Ctrl-C): unchanged but ours
+            strip_own_frames(exc)
+            raise
+        # Here, outside the except blocks, the internal exception and its frames are gone.
+        raise UsageError(message)
+
+    magic.__self__ = owner  # type: ignore[attr-defined]  # unload finds its magics by owner
+    return magic
 
 
 def _literal_shapes(token: str) -> list[tuple[int, ...]] | None:
@@ -236,6 +318,21 @@ class TorchMagics(Magics):
     def __init__(self, shell: Any, cfg: TorchMagic) -> None:
         super().__init__(shell)
         self.cfg = cfg
+        for kind, table in self.magics.items():
+            for name, fn in table.items():
+                if callable(fn):
+                    table[name] = clean_errors(fn, self, ("%%" if kind == "cell" else "%") + name)
+
+    def suspend(self) -> Any:
+        """``%reload_ext``: stop and hand over what must survive the reload (``None``: nothing).
+        The default closes the instance (:meth:`close`)."""
+        self.close()
+        return None
+
+    def resume(self, state: Any) -> str | None:
+        """Take over what :meth:`suspend` of the previous instance handed over; returns a line
+        saying what was kept (``None``: nothing to say)."""
+        return None
 
     def parse_inputs(self, tokens: list[str]) -> tuple[list[tuple[int, ...]] | None, list[Any]]:
         """INPUTS tokens as ``%summary`` takes them -> ``(shapes, values)`` for

@@ -42,26 +42,45 @@ class AmpMagics(TorchMagics):
             if fn not in events.callbacks[name]:
                 events.register(name, fn)
 
-    def _unregister(self) -> None:
+    def _unregister(self, names: tuple[str, ...] = ("pre_run_cell", "post_run_cell")) -> None:
         if self._session is None:
             return
         events = self.shell.events
         for name, fn in self._callbacks():
-            while fn in events.callbacks[name]:
+            while name in names and fn in events.callbacks[name]:
                 events.unregister(name, fn)
 
     def _off(self) -> bool:
+        """No autocast from the next cell on. ``pre`` goes at once; ``post`` stays registered
+        until the cells running now (this one) have closed the contexts they opened."""
         if self._session is None:
             return False
         try:
-            self._unregister()
+            self._unregister(("pre_run_cell",))
         finally:
-            was = self._session.stop()
+            was = self._session.stop(on_drained=self._unregister)
         return was
 
     def close(self) -> None:
-        """Unloading the extension turns ``%amp on`` off (callbacks removed, autocast restored)."""
-        self._off()
+        """Unloading the extension turns ``%amp on`` off (no autocast from the next cell on; a
+        cell running now, e.g. the one unloading, keeps its context until it ends)."""
+        if self._off():
+            print("%amp on is off: torchmagic was unloaded (autocast off from the next cell)")
+
+    def suspend(self) -> Any:
+        """``%reload_ext``: hand the running session (and its open contexts) to the new instance."""
+        if self._session is None or not self._session.active:
+            self.close()
+            return None
+        self._unregister()
+        session, self._session = self._session, None
+        return session
+
+    def resume(self, state: Any) -> str | None:
+        self._session = state
+        self._register()
+        dt = str(state.dtype).replace("torch.", "")
+        return f"%amp on ({state.device} {dt})"
 
     def _scaler_used(self, names: list[str], source: str) -> bool:
         """The cell builds a GradScaler or uses one bound to a name it mentions."""

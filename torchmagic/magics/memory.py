@@ -52,6 +52,15 @@ class GpumemWatch:
             self.registered = False
             self.stack.clear()
 
+    def detach(self) -> None:
+        """Unregister the callbacks but keep the state (the meters of running cells included)."""
+        events = self.shell.events
+        for name, fn in (("pre_run_cell", self.pre_run_cell),
+                         ("post_run_cell", self.post_run_cell)):
+            while fn in events.callbacks[name]:
+                events.unregister(name, fn)
+        self.registered = False
+
     def watch(self, device: str | None, keep_peaks: bool) -> None:
         self.watching, self.device, self.keep_peaks = True, device, keep_peaks
         self._sync()
@@ -166,7 +175,30 @@ class GpumemMagics(TorchMagics):
         self.watcher = GpumemWatch(shell)
 
     def close(self) -> None:
+        if self.watcher.watching:
+            print("%gpumem --watch is off: torchmagic was unloaded")
         self.watcher.close()
+
+    def suspend(self) -> Any:
+        """``%reload_ext``: hand ``--watch`` (and an armed ``--snapshot``) with the meter of the
+        cell running now to the new instance, which registers the same callbacks again."""
+        w = self.watcher
+        if not (w.watching or w.snapshot_path is not None):
+            self.close()
+            return None
+        w.detach()
+        return w
+
+    def resume(self, state: Any) -> str | None:
+        self.watcher = state
+        state.shell = self.shell
+        state._sync()
+        parts = []
+        if state.watching:
+            parts.append("%gpumem --watch" + (" --keep-peaks" if state.keep_peaks else ""))
+        if state.snapshot_path is not None:
+            parts.append(f"%gpumem --snapshot {state.snapshot_path}")
+        return ", ".join(parts) or None
 
     @magic_arguments()
     @argument("--device", metavar="N", help="one device: a CUDA index (0), cuda:N, mps or cpu")
