@@ -1,0 +1,238 @@
+"""Run ``torch.compile`` for a report without touching the user's compile state.
+
+``torch._dynamo.explain`` starts and ends with ``torch._dynamo.reset()``, which throws away every
+compiled function of the session: a model the user compiled before would compile again on its next
+call. :class:`DynamoSandbox` does what ``explain`` needs without that:
+
+- every compile it makes uses ``torch.compile(..., isolate_recompiles=True)``: its cache entries live
+  in a region of their own (they neither reuse the user's entries, which are also guarded on another
+  backend object, nor count against the user's ``recompile_limit``);
+- on exit, the region's entries are dropped: ``reset_code`` on code objects that held nothing else
+  (the cell, functions the user never compiled), otherwise each entry is invalidated the way dynamo
+  invalidates an entry whose guarded object died (its guards then always fail and its compiled code
+  is released; dynamo keeps the dead slot, which counts towards ``accumulated_recompile_limit``);
+- process-wide bookkeeping a compile changes is put back: ``torch._dynamo.utils.counters``,
+  ``guard_failures``, ``graph_break_reasons``, ``compilation_time_metrics``, the automatic-dynamic
+  state of every code object (``torch._dynamo.pgo``: a shape our run saw change must not make the
+  user's next compile dynamic), the graph-break log de-duplication, ``warn_once`` caches and the
+  backends dynamo keeps alive (``cached_backends``), so nothing of the run stays referenced;
+- ``torch._dynamo.config`` and ``torch._inductor.config`` are restored to their values on entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+_REASON = "torchmagic's compile report is over (its compiled code is dropped)"
+
+
+def _config_modules() -> list[Any]:
+    mods = [sys.modules.get("torch._dynamo.config"), sys.modules.get("torch._inductor.config")]
+    return [m for m in mods if m is not None and hasattr(m, "get_config_copy")]
+
+
+class DynamoSandbox:
+    """Context manager: compile with :meth:`compile` inside it; everything is put back on exit.
+
+    ``regions`` holds the ``isolate_recompiles`` ids of the compiles made; ``backends`` the backend
+    objects handed to dynamo (dropped from ``cached_backends`` on exit); ``codes`` extra code
+    objects whose entries are dropped (the cell function's, also when dynamo never saw it).
+    """
+
+    def __init__(self) -> None:
+        self.regions: list[int] = []
+        self.backends: list[Any] = []
+        self.codes: list[types.CodeType] = []
+        self._saved: dict[str, Any] = {}
+        self._configs: list[tuple[Any, dict[str, Any]]] = []
+        self._scopes: list[tuple[dict[str, Any], set[str]]] = []
+        self.keep: set[str] = set()  # names the caller's own code binds (a cell's assignments)
+        self.invalidated = 0  # entries invalidated in code objects the user also compiled
+
+    # -- entering ----------------------------------------------------------------------------------
+    def __enter__(self) -> DynamoSandbox:
+        import torch._dynamo  # noqa: F401 - loads dynamo (and its config) once
+        import torch._dynamo.eval_frame as eval_frame
+        import torch._dynamo.pgo as pgo
+        import torch._dynamo.symbolic_convert as symbolic_convert
+        import torch._dynamo.utils as dutils
+
+        self._configs = [(m, m.get_config_copy()) for m in _config_modules()]
+        s = self._saved
+        s["counters"] = {k: Counter(v) for k, v in dutils.counters.items()}
+        s["guard_failures"] = {k: list(v) for k, v in dutils.guard_failures.items()}
+        s["graph_break_reasons"] = list(dutils.graph_break_reasons)
+        s["time_metrics"] = {k: list(v) for k, v in dutils.compilation_time_metrics.items()}
+        s["warn_once"] = set(dutils.warn_once_cache)
+        s["code_state"] = copy.deepcopy(pgo._CODE_STATE)
+        s["init_code_state"] = copy.deepcopy(pgo._INIT_CODE_STATE)
+        checker = symbolic_convert.graph_break_dup_warning_checker
+        s["dup_checker"] = copy.copy(checker.set)
+        checker.reset()  # our graph-break log lines are not hidden by the user's earlier ones
+        s["cached_backends"] = set(eval_frame.cached_backends)
+        return self
+
+    def watch_scope(self, scope: dict[str, Any]) -> None:
+        """Remember the names in ``scope`` (globals of code about to be compiled): on exit, the
+        dunder names dynamo added there (``__compiled_fn_*``, ``__builtins_dict___*``, ...,
+        including those of abandoned tracing attempts, which dynamo never removes) are deleted."""
+        if not any(s is scope for s, _ in self._scopes):
+            self._scopes.append((scope, set(scope)))
+
+    # -- compiling ---------------------------------------------------------------------------------
+    def compile(self, fn: Any, backend: Any, *, fullgraph: bool = False,
+                dynamic: bool | None = None,
+                guard_fail_fn: Callable[[Any], None] | None = None) -> Any:
+        """``torch.compile(fn, backend=backend, ...)`` in an isolated cache region of this sandbox
+        (through ``torch._dynamo.optimize``, which also takes ``guard_fail_fn``: the reasons of
+        every recompilation)."""
+        import torch._dynamo
+
+        self.backends.append(backend)
+        ctx = torch._dynamo.optimize(backend, nopython=fullgraph, dynamic=dynamic,
+                                     guard_fail_fn=guard_fail_fn, isolate_recompiles=True)
+        compiled = ctx(fn)
+        region = getattr(ctx, "_isolate_recompiles_id", None)
+        if region is None:
+            region = getattr(compiled, "_isolate_recompiles_id", -1)
+        if region >= 0:
+            self.regions.append(region)
+        return compiled
+
+    # -- leaving -----------------------------------------------------------------------------------
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._drop_entries()
+            self._clean_scopes()
+        finally:
+            self._restore()
+
+    def _clean_scopes(self) -> None:
+        for scope, before in self._scopes:
+            for key in [k for k in scope if k not in before]:
+                if key.startswith("__") and not key.startswith("__import_") and \
+                        key != "__builtins__" and key not in self.keep:
+                    scope.pop(key, None)
+
+    def _drop_entries(self) -> None:
+        import torch._dynamo.convert_frame as convert_frame
+        from torch._C._dynamo.eval_frame import reset_code
+        from torch._dynamo.eval_frame import (
+            _get_cache_entries_for_region,
+            _get_total_cache_entry_count,
+        )
+
+        if not self.regions:
+            return
+        codes = []
+        for tracker in (convert_frame.input_codes, convert_frame.output_codes):
+            for ref in list(tracker.seen):
+                code = ref()
+                if code is not None:
+                    codes.append(code)
+        codes.extend(self.codes)
+        out_codes: list[types.CodeType] = []
+        done: set[int] = set()
+        for code in codes:
+            if id(code) in done:
+                continue
+            done.add(id(code))
+            mine = [e for r in self.regions for e in _get_cache_entries_for_region(code, r)]
+            if not mine:
+                continue
+            out_codes.extend(e.code for e in mine if getattr(e, "code", None) is not None)
+            if _get_total_cache_entry_count(code) == len(mine):
+                reset_code(code)  # nothing of the user's there: forget the code entirely
+            else:
+                for entry in mine:
+                    self._invalidate(entry)
+        _remove_installed_globals(out_codes)
+
+    def _invalidate(self, entry: Any) -> None:
+        from torch._dynamo.guards import DeletedGuardManagerWrapper
+
+        manager = entry.guard_manager
+        state = getattr(manager, "extra_state", None)
+        owner = getattr(manager, "cache_entry", None)
+        if state is None or owner is None or isinstance(manager, DeletedGuardManagerWrapper):
+            return
+        state.invalidate(owner, DeletedGuardManagerWrapper(_REASON))
+        self.invalidated += 1
+
+    def _restore(self) -> None:
+        import torch._dynamo.eval_frame as eval_frame
+        import torch._dynamo.pgo as pgo
+        import torch._dynamo.symbolic_convert as symbolic_convert
+        import torch._dynamo.utils as dutils
+
+        s = self._saved
+        for module, values in self._configs:
+            current = module.get_config_copy()
+            for key, value in values.items():
+                try:
+                    same = key not in current or current[key] is value or current[key] == value
+                except Exception:  # noqa: BLE001 - values that cannot be compared: put back
+                    same = False
+                if not same:
+                    setattr(module, key, value)
+        dutils.counters.clear()
+        for key, value in s["counters"].items():
+            dutils.counters[key] = Counter(value)
+        dutils.guard_failures.clear()
+        dutils.guard_failures.update({k: list(v) for k, v in s["guard_failures"].items()})
+        dutils.graph_break_reasons[:] = s["graph_break_reasons"]
+        dutils.compilation_time_metrics.clear()
+        dutils.compilation_time_metrics.update(s["time_metrics"])
+        dutils.warn_once_cache.clear()
+        dutils.warn_once_cache.update(s["warn_once"])
+        pgo._CODE_STATE = s["code_state"]
+        pgo._INIT_CODE_STATE = s["init_code_state"]
+        checker = symbolic_convert.graph_break_dup_warning_checker
+        checker.set = s["dup_checker"]
+        for key in set(eval_frame.cached_backends) - s["cached_backends"]:
+            if any(eval_frame.cached_backends[key] is b for b in self.backends):
+                del eval_frame.cached_backends[key]
+        self.backends.clear()
+
+
+def _remove_installed_globals(out_codes: list[types.CodeType]) -> None:
+    """Delete the globals dynamo installed for our compiled code (``__compiled_fn_*``,
+    ``__resume_at_*``, ``__builtins_dict__*``) from the frames' globals (the user's namespace for
+    a cell), and unregister their cleanup: dynamo removes them only when the transformed code is
+    freed, which a reset does not guarantee. (``__import_*`` module aliases stay, as torch leaves
+    them: they are shared by every compile of that namespace.)"""
+    from torch._dynamo.utils import CleanupManager, ExactWeakKeyDictionary
+
+    manager = CleanupManager.instance
+    for code in out_codes:
+        hooks = manager.values.get(id(code))
+        if hooks is None:
+            continue
+        for hook in hooks:
+            try:
+                hook()
+            except KeyError:  # already gone
+                pass
+        ExactWeakKeyDictionary._remove_id(manager, id(code))
+
+
+def compile_metrics() -> dict[str, list[float]]:
+    """A copy of ``torch._dynamo.utils.compilation_time_metrics`` (seconds per compile step)."""
+    import torch._dynamo.utils as dutils
+
+    return {k: list(v) for k, v in dutils.compilation_time_metrics.items()}
+
+
+def counters_copy() -> dict[str, Counter[str]]:
+    """A copy of ``torch._dynamo.utils.counters``."""
+    import torch._dynamo.utils as dutils
+
+    return {k: Counter(v) for k, v in dutils.counters.items()}
+
+
+__all__ = ["DynamoSandbox", "compile_metrics", "counters_copy"]
