@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_summary.py", "bench_meta.py", "bench_anomaly.py", "bench_gpumem.py"]
+SCRIPTS = ["bench_summary.py", "bench_meta.py", "bench_anomaly.py", "bench_gpumem.py",
+           "bench_compile.py"]
 
 
 def main(names: list[str]) -> int:

@@ -365,3 +365,48 @@ def test_gpt_decoder_compiles_in_one_graph_like_explain():
     report = explain_compile(model, input_size=(2, 8), dtypes="long", explain=True)
     ref = _explain(model, ids)
     assert report.graph_count == ref.graph_count == 1 and report.graph_breaks == []
+
+
+SCALE = 1
+
+
+def bump_global(x):
+    global SCALE
+    SCALE += 1
+    return x * SCALE
+
+
+def test_a_changed_global_is_a_global_recompile():
+    global SCALE
+    SCALE = 1
+    report = explain_compile(bump_global, torch.ones(2), runs=2, backend="eager")
+    assert [rc.kind for rc in report.recompiles] == ["global"]
+    assert report.recompiles[0].guard.startswith("SCALE == ")
+    assert "pass it as an argument" in report.recompiles[0].suggestion
+    SCALE = 1
+
+
+def test_to_dict_carries_the_derived_numbers():
+    report = explain_compile(with_print, torch.randn(3), backend="aot_eager", bench=True,
+                             min_time=0.01)
+    d = report.to_dict()
+    assert d["graph_count"] == 2 and d["graph_break_count"] == 1
+    assert d["explain_graph_break_count"] == 1
+    assert d["tracing_seconds"] == pytest.approx(report.tracing_seconds)
+    assert d["timing"]["speedup"] == pytest.approx(report.timing.speedup)
+    assert d["graph_breaks"][0]["place"]["line"] == _line_of(with_print, 'print("tracing')
+    json.dumps(d)
+
+
+def test_cell_function_refusals_and_names():
+    from torchmagic.core.compile_cell import cell_function
+
+    cf = cell_function("import math as m\nx = x + 1\nfor i in range(2):\n    y = i\ndef f():\n"
+                       "    return x\n")
+    assert cf.names == ["m", "x", "i", "y", "f"]
+    with pytest.raises(TorchMagicError, match="global x"):
+        cell_function("global x\nx = 1")
+    with pytest.raises(TorchMagicError, match="import \\*"):
+        cell_function("from math import *")
+    with pytest.raises(TorchMagicError, match="not valid Python"):
+        cell_function("x = (")

@@ -243,3 +243,21 @@ def test_reload_keeps_one_magic(ip):
     ip.run_line_magic("reload_ext", "torchmagic")
     assert "compile" in ip.magics_manager.magics["cell"]
     assert "compile" in ip.magics_manager.magics["line"]
+
+
+def test_model_must_be_callable(ip):
+    ip.user_ns["s"] = "y = 1"
+    with pytest.raises(UsageError, match="s is a str: MODEL must be an nn.Module or a function"):
+        ip.run_line_magic("compile", "s (2,2)")
+
+
+def test_html_lists_recompiles_and_fullgraph_failure(ip):
+    _setup(ip)
+    ip.run_line_magic("config", "TorchMagic.display = 'html'")
+    bundles = outputs(ip, "compile model (2,4) --then (3,4) --backend eager")
+    html = bundles[-1]["text/html"]
+    assert "Recompiles (1)" in html and "size mismatch at index 0" in html
+    assert "torch._dynamo.mark_dynamic(x, 0)" in html
+    bundles = outputs(ip, "compile model (2,4) --fullgraph --backend eager")
+    html, text = bundles[-1]["text/html"], bundles[-1]["text/plain"]
+    assert "Where fullgraph=True fails" in html and "fullgraph=True FAILS at" in text

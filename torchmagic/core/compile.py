@@ -115,6 +115,18 @@ class CompileReport(Result):
         """Ops in the first call's graphs (call_function/method/module nodes)."""
         return sum(g.ops for g in self.graphs if g.run == 1)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain data, with the derived numbers (tracing time, explain's break
+        count, speed-up, calls to repay compiling) added."""
+        out = super().to_dict()
+        out["tracing_seconds"] = self.tracing_seconds
+        out["explain_graph_break_count"] = self.explain_graph_break_count
+        out["op_count"] = self.op_count
+        if self.timing is not None:
+            out["timing"]["speedup"] = self.timing.speedup
+            out["timing"]["break_even_calls"] = self.timing.break_even_calls
+        return out
+
     @property
     def clean(self) -> bool:
         """One graph, no break, no recompilation, no fullgraph failure."""

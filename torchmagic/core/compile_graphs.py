@@ -65,7 +65,7 @@ class Place:
         """``cell line 3`` or ``models.py:57 in Block.forward (model.blocks.0)``."""
         if self.in_cell:
             return f"cell line {self.line}"
-        name = os.path.basename(self.filename)
+        name = short_file(self.filename)
         fn = self.function
         if self.module_class and "." not in fn:
             fn = f"{self.module_class}.{fn}"
@@ -128,6 +128,7 @@ class GraphInfo:
     recompile: bool
     codegen_seconds: float | None
     break_index: int | None = None  # the GraphBreak (1-based) this graph ends with
+    break_kind: str | None = None   # its :data:`KINDS` kind (also in recompiled calls)
 
 
 def parse_reason(reason: str) -> dict[str, Any]:
@@ -190,6 +191,15 @@ def display_function(name: str) -> str:
         inner = display_function(m.group("fn"))
         return f"{inner} (resumed after line {m.group('line')})"
     return name
+
+
+_IPYTHON_INPUT = re.compile(r"^<ipython-input-(\d+)-[0-9a-f]+>$")
+
+
+def short_file(filename: str) -> str:
+    """``/a/b/models.py`` -> ``models.py``; IPython's ``<ipython-input-7-3fa2...>`` -> ``In [7]``."""
+    m = _IPYTHON_INPUT.match(filename)
+    return f"In [{m.group(1)}]" if m else os.path.basename(filename)
 
 
 def original_function(name: str) -> str:
@@ -417,9 +427,11 @@ class Recorder:
         reason = getattr(gm, "compile_subgraph_reason", None)
         callers = self.locator.live_callers(depth=3)
         user_stack = list(getattr(reason, "user_stack", None) or [])
-        stack = self.locator.stack(user_stack, callers, _compiled_frame_self())
+        frame_self, frame_name = _compiled_frame()
+        stack = self.locator.stack(user_stack, callers, frame_self)
         place = stack[-1] if stack else None
-        code_name = user_stack[-1].name if user_stack else (place.function if place else "")
+        code_name = frame_name or (user_stack[0].name if user_stack else
+                                   (place.function if place else ""))
         function = display_function(code_name)
         is_break = len(reasons) > n_reasons
         ends = "return"
@@ -427,9 +439,11 @@ class Recorder:
             ends = str(getattr(reason, "reason", "return")).splitlines()[0] or "return"
             ends = "return" if ends == "return_value" else ends
         index = len(self.graphs) + 1
+        kind = None
         if is_break:
             info = parse_reason(reason.reason)  # type: ignore[union-attr]
             ends = info["title"]
+            kind = info["kind"]
             cell_line = next((p.line for p in reversed(stack) if p.in_cell), None)
             self.breaks.append(GraphBreak(
                 index=len(self.breaks) + 1, kind=info["kind"], title=info["title"],
@@ -438,18 +452,21 @@ class Recorder:
                 reason=str(reason.reason), graph=index, run=self.run))  # type: ignore[union-attr]
         self.graphs.append(GraphInfo(index, cid, function, len(nodes), names[:8], ends, place,
                                      self.run, recompile, None,
-                                     len(self.breaks) if is_break else None))
+                                     len(self.breaks) if is_break else None, kind))
 
 
-def _compiled_frame_self() -> Any:
-    """``self`` of the frame dynamo is compiling (its translator holds the frame's locals)."""
+def _compiled_frame() -> tuple[Any, str | None]:
+    """``self`` and the code name of the frame dynamo is compiling (its root translator holds
+    the frame's locals and code)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
-        return tx.f_locals.get("self") if tx is not None else None
+        if tx is None:
+            return None, None
+        return tx.f_locals.get("self"), tx.f_code.co_name
     except Exception:  # noqa: BLE001 - no translator (not tracing) or an internal change
-        return None
+        return None, None
 
 
 def inner_backend(backend: str, mode: str | None, dynamic: bool | None,

@@ -193,6 +193,10 @@ def suggest(kind: str, guard: str, hint: str | None) -> tuple[str | None, str | 
     if kind == "global":
         return ("a global variable the code reads changed: pass it as an argument (a tensor if "
                 "it varies often)", None)
+    if kind == "value" and "___stack" in guard:
+        return ("a Python value computed before a graph break (an .item() result, a size) is a "
+                "constant of the code that resumes after the break: when it changes, that code "
+                "recompiles; removing the graph break removes this recompile", None)
     if kind == "value":
         return ("a Python number the code reads changed: its value is baked into the compiled "
                 "code; pass it as a tensor (torch.tensor(value)) if it changes often", None)

@@ -3,7 +3,8 @@
 :func:`time_pair` times two thunks with ``torch.utils.benchmark.Timer.blocked_autorange`` (same
 statement shape, same thread count, ``torch.get_num_threads()`` rather than Timer's default of 1),
 each after two warm-up calls, so the compiled side's first-call cost (compilation) stays out of its
-median; the first call is reported apart, with the number of calls after which compiling pays off.
+median; blocks alternate between the sides. The first call is reported apart, with the number of
+calls after which compiling pays off.
 
 :func:`compare_outputs` compares eager and compiled outputs leaf by leaf (tensors in nested
 tuples/lists/dicts/dataclasses, Python numbers): max absolute and max relative difference, exact
@@ -83,26 +84,35 @@ def quiet() -> Iterator[None]:
 
 
 def time_pair(eager: Callable[[], Any], compiled: Callable[[], Any], *, min_time: float = 0.2,
-              first_call_seconds: float, num_threads: int | None = None) -> CompileTiming:
-    """Time ``eager()`` and ``compiled()`` alike (after 2 warm-up calls each)."""
+              first_call_seconds: float, num_threads: int | None = None,
+              rounds: int = 3) -> CompileTiming:
+    """Time ``eager()`` and ``compiled()`` alike: 2 warm-up calls each, then ``rounds``
+    alternating ``blocked_autorange(min_time / rounds)`` blocks per side (a load change on a
+    shared machine hits both sides), merged with ``Measurement.merge``."""
     from torch.utils.benchmark import Timer
+    from torch.utils.benchmark.utils.common import Measurement
 
     threads = num_threads or torch.get_num_threads()
-    results = []
-    for fn in (eager, compiled):
+    timers = []
+    for label, fn in (("eager", eager), ("compiled", compiled)):
         fn()
         fn()
-        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-        results.append(timer.blocked_autorange(min_run_time=min_time))
-    e, c = results
+        timers.append(Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label))
+    parts: list[list[Any]] = [[], []]
+    runs = [0, 0]
+    for _ in range(max(rounds, 1)):
+        for i, timer in enumerate(timers):
+            m = timer.blocked_autorange(min_run_time=min_time / max(rounds, 1))
+            parts[i].append(m)
+            runs[i] += m.number_per_run * len(m.raw_times)
+    e, c = (Measurement.merge(p)[0] for p in parts)
     warnings = []
     for label, m in (("eager", e), ("compiled", c)):
         if m.median and m.iqr / m.median > 0.1:
             warnings.append(f"{label} time varies: IQR is {100 * m.iqr / m.median:.0f}% of the "
                             "median (a noisy machine; --min-time runs longer)")
-    return CompileTiming(e.median, e.iqr, e.number_per_run * len(e.raw_times), c.median, c.iqr,
-                         c.number_per_run * len(c.raw_times), threads, first_call_seconds,
-                         warnings)
+    return CompileTiming(e.median, e.iqr, runs[0], c.median, c.iqr, runs[1], threads,
+                         first_call_seconds, warnings)
 
 
 def _leaves(obj: Any, prefix: str, depth: int = 0) -> list[tuple[str, Any]]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import textwrap
 from typing import Any
 
+from torchmagic.core.compile_graphs import short_file
 from torchmagic.display.bench import human_time
 from torchmagic.display.format import esc, text_width
 from torchmagic.display.table import Cell, Table, html_block
@@ -78,7 +78,7 @@ def _break_lines(b: Any) -> list[str]:
 def _short_place(p: Any) -> str:
     if p is None:
         return "?"
-    return f"cell line {p.line}" if p.in_cell else f"{os.path.basename(p.filename)}:{p.line}"
+    return f"cell line {p.line}" if p.in_cell else f"{short_file(p.filename)}:{p.line}"
 
 
 def _graph_table(r: Any) -> Table:
@@ -89,10 +89,8 @@ def _graph_table(r: Any) -> Table:
             ops += ", ..."
         end = g.ends
         if g.break_index is not None:
-            kind = next((b.kind for b in r.graph_breaks if b.index == g.break_index
-                         and b.run == g.run), None) if g.run == 1 else None
-            end = f"break{f' #{g.break_index}' if g.run == 1 else ''}: {kind or g.ends} at " \
-                  f"{_short_place(g.place)}"
+            end = f"break{f' #{g.break_index}' if g.run == 1 else ''}: {g.break_kind or g.ends}" \
+                  f" at {_short_place(g.place)}"
         rows.append([str(g.index), f"{g.run}" + (" (recompiled)" if g.recompile else ""),
                      g.function, str(g.ops), ops, end])
     return Table(["graph", "call", "frame", "ops", "top ops", "ends with"], rows,
@@ -219,7 +217,7 @@ def _place_html(p: Any, anchor: str) -> str:
     if p.in_cell:
         return f'<a href="#{anchor}-L{p.line}">cell line {p.line}</a>'
     fn = p.function if not p.module_class else f"{p.module_class}.{p.function}"
-    where = (f'<code title="{esc(p.filename)}:{p.line}">{esc(os.path.basename(p.filename))}:'
+    where = (f'<code title="{esc(p.filename)}:{p.line}">{esc(short_file(p.filename))}:'
              f"{p.line}</code> in {esc(fn)}")
     if p.modules:
         more = f" and {len(p.modules) - 1} more" if len(p.modules) > 1 else ""

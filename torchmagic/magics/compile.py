@@ -8,7 +8,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from torchmagic.core.errors import ForwardError, TorchMagicError
+from torchmagic.core.errors import ForwardError, TorchMagicError, a_type
 from torchmagic.magics._base import TorchMagics, parse, user_errors
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -135,6 +135,9 @@ class CompileMagics(TorchMagics):
                     raise UsageError("%compile: give a model and its inputs, e.g. %compile model "
                                      "(1,3,32,32), or use %%compile on a cell (see %compile?)")
                 target = self.evaluate(args.model, "model")
+                if isinstance(target, str) or not callable(target):
+                    raise TorchMagicError(f"{args.model} is {a_type(target)}: MODEL must be an "
+                                          "nn.Module or a function (use %%compile for code)")
                 shapes, values = self.parse_inputs(args.inputs)
                 dtypes = [d for d in args.dtypes.split(",") if d.strip()] if args.dtypes else None
                 if dtypes and not shapes and not any(self._then_shapes(args.then)):
