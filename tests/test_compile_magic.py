@@ -3,6 +3,7 @@ reruns for --bench/--check, errors, and the text/HTML display."""
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import pytest
@@ -11,8 +12,13 @@ import torch.nn as nn
 from conftest import outputs, run
 from IPython.core.error import UsageError
 
-MODEL_SRC = '''
-class Net(nn.Module):
+
+class HereNet(nn.Module):
+    """A small model with a graph break (the print). Defined here for explain's reference run
+    (its compiled code then lands in this module's globals: the test shell's namespace is
+    emptied after each test, which dynamo's cleanup hooks dislike); ``_setup`` defines the same
+    class in the notebook."""
+
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 4)
@@ -21,13 +27,14 @@ class Net(nn.Module):
         x = self.fc(x)
         print("in forward")
         return x.relu()
-'''
 
 
 def _setup(ip):
+    """``model`` of the class above, defined in the notebook (its forward lives in an IPython
+    input, its globals are the namespace), and ``x``."""
     torch.manual_seed(0)
-    ip.run_cell(MODEL_SRC)
-    ip.user_ns.update(model=ip.user_ns["Net"](), x=torch.randn(2, 4))
+    ip.run_cell(inspect.getsource(HereNet))
+    ip.user_ns.update(model=ip.user_ns["HereNet"](), x=torch.randn(2, 4))
 
 
 CELL = "y = model(x)\nz = y.sin()\nw = z.sum().item()\nz.cos()"
@@ -53,25 +60,11 @@ def test_cell_lines_assignments_and_value(ip):
     assert shown.count("in forward") >= 1  # the cell's own print ran
 
 
-class HereNet(nn.Module):
-    """The notebook's Net, defined here: explain's compiled code lands in this module's globals
-    (the test shell's namespace is emptied after each test, which dynamo's cleanup hooks dislike)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        x = self.fc(x)
-        print("in forward")
-        return x.relu()
-
-
 def test_cell_count_equals_explain_of_the_same_function(ip):
     from torchmagic.core.compile_cell import cell_function
 
     torch.manual_seed(0)
-    ip.user_ns.update(model=HereNet(), x=torch.randn(2, 4))
+    ip.user_ns.update(model=HereNet(), x=torch.randn(2, 4))  # this module's class
     ns = ip.user_ns
     cf = cell_function(CELL)
     fn = cf.function(dict(ns))  # explain installs its globals there (and resets dynamo)

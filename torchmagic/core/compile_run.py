@@ -200,14 +200,20 @@ def run_cell(setup: _Setup, source: str, ns: dict[str, Any]) -> CompileReport:
                                            "(warm-up calls, not timed)")
     report = _report(setup, "cell", "cell", recorder, guards, locator, compile_seconds, first_call,
                      runs_done, capture, source)
+    return _finish(report, value, timing, diffs, skipped, fg_error, "the cell did not run",
+                   gave_up)
+
+
+def _finish(report: CompileReport, value: Any, timing: Any, diffs: Any, skipped: str | None,
+            fg_error: GraphBreak | None, not_run: str, gave_up: list[str]) -> CompileReport:
     report._value = value
     report.timing = timing
     report.check = diffs
     report.skipped = skipped
     report.fullgraph_error = fg_error
     if fg_error is not None:
-        report.notes.append("torch.compile(fullgraph=True) fails before running anything: the "
-                            "cell did not run (drop --fullgraph to see every graph break)")
+        report.notes.append(f"torch.compile(fullgraph=True) fails before running anything: "
+                            f"{not_run} (drop --fullgraph to see every graph break)")
     _no_graph_note(report, gave_up)
     return report
 
@@ -347,16 +353,8 @@ def run_callable(setup: _Setup, target: nn.Module | Callable[..., Any],
                                            min_time=setup.min_time, first_call_seconds=first_call)
     report = _report(setup, label, "module" if is_module else "function", recorder, guards,
                      locator, compile_seconds, first_call, runs_done, capture)
-    report._value = output
-    report.timing = timing
-    report.check = diffs
-    report.skipped = skipped
-    report.fullgraph_error = fg_error
-    if fg_error is not None:
-        report.notes.append(f"torch.compile(fullgraph=True) fails on {label}: nothing ran "
-                            "(drop --fullgraph to see every graph break)")
-    _no_graph_note(report, gave_up)
-    return report
+    return _finish(report, output, timing, diffs, skipped, fg_error, f"{label} did not run",
+                   gave_up)
 
 
 __all__ = ["run_callable", "run_cell"]

@@ -63,13 +63,17 @@ def _header(r: Any) -> tuple[str, list[str]]:
     return title, lines
 
 
+def _break_body(b: Any) -> list[tuple[str, str]]:
+    """(css class, text) of the lines under a break's heading: its code, reason, hints."""
+    out = [("tm-mono", b.place.code)] if b.place is not None and b.place.code else []
+    out.append(("", b.explanation))
+    out += [("tm-muted", f"hint: {h}") for h in b.hints]
+    return out
+
+
 def _break_lines(b: Any) -> list[str]:
     out = [f"{b.index}. {b.where()}  [{b.kind}]"]
-    if b.place is not None and b.place.code:
-        out.append(f"   {b.place.code}")
-    out.append(f"   {b.explanation}")
-    for h in b.hints:
-        out.append(f"   hint: {h}")
+    out += [f"   {text}" for _, text in _break_body(b)]
     if b.url:
         out.append(f"   {b.gb_id}: {b.url}")
     return out
@@ -226,16 +230,17 @@ def _place_html(p: Any, anchor: str) -> str:
     return where
 
 
+def _where_html(place: Any, cell_line: int | None, anchor: str) -> str:
+    where = _place_html(place, anchor)
+    if cell_line is not None and not (place and place.in_cell):
+        where = f'<a href="#{anchor}-L{cell_line}">cell line {cell_line}</a> → ' + where
+    return where
+
+
 def _break_html(b: Any, anchor: str) -> str:
-    where = _place_html(b.place, anchor)
-    if b.cell_line is not None and not (b.place and b.place.in_cell):
-        where = f'<a href="#{anchor}-L{b.cell_line}">cell line {b.cell_line}</a> → ' + where
+    where = _where_html(b.place, b.cell_line, anchor)
     parts = [f"<li><b>{where}</b> <span class=\"tm-warn\">[{esc(b.kind)}]</span>"]
-    if b.place is not None and b.place.code:
-        parts.append(f'<div class="tm-mono">{esc(b.place.code)}</div>')
-    parts.append(f"<div>{esc(b.explanation)}</div>")
-    for h in b.hints:
-        parts.append(f'<div class="tm-muted">hint: {esc(h)}</div>')
+    parts += [f'<div class="{css}">{esc(text)}</div>' for css, text in _break_body(b)]
     link = f' <a href="{esc(b.url)}">{esc(b.gb_id)}</a>' if b.url else ""
     parts.append(f"<details><summary>dynamo's full reason{link}</summary>"
                  f"<pre>{esc(b.reason)}</pre></details></li>")
@@ -277,10 +282,7 @@ def html(r: Any) -> str:
     if r.recompiles:
         body.append(f"<h4>Recompiles ({len(r.recompiles)})</h4><ol>")
         for rc in r.recompiles:
-            where = _place_html(rc.place, anchor)
-            if rc.cell_line is not None and not (rc.place and rc.place.in_cell):
-                where = f'<a href="#{anchor}-L{rc.cell_line}">cell line {rc.cell_line}</a> → ' \
-                        + where
+            where = _where_html(rc.place, rc.cell_line, anchor)
             item = [f"<li><b>call {rc.run}: {where}</b> <span class=\"tm-warn\">"
                     f"[{esc(rc.kind)}]</span>",
                     f'<div>guard failed: <code>{esc(rc.guard)}</code></div>']
