@@ -171,10 +171,13 @@ def check_compiler(backend: str, explain: bool) -> None:
     if explain or backend != "inductor" or torch.cuda.is_available():
         return
     from torch._inductor import config as inductor_config
-    from torch._inductor import cpp_builder
 
     try:
-        cpp_builder.get_cpp_compiler()
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # torch before 2.5
+        from torch._inductor.codecache import cpp_compiler as get_cpp_compiler
+    try:
+        get_cpp_compiler()
     except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or a broken compiler
         raise TorchMagicError(_NO_COMPILER.format(cxx=inductor_config.cpp.cxx)) from None
 

@@ -58,12 +58,11 @@ def _gave_up(before: dict[str, Any]) -> list[str]:
 def _no_graph_note(report: CompileReport, gave_up: list[str]) -> None:
     if report.graph_count or report.fullgraph_error is not None:
         return
+    note = ("dynamo captured no graph, so everything ran eagerly: the code does no tensor work "
+            "dynamo could capture, or dynamo skipped it")
     if gave_up:
-        report.notes.append("dynamo captured no graph and ran the code eagerly; it gave up on: "
-                            + "; ".join(gave_up))
-    else:
-        report.notes.append("dynamo captured no graph: the code does no tensor work it could "
-                            "compile (it ran as plain Python)")
+        note += "; it gave up on: " + "; ".join(gave_up)
+    report.notes.append(note)
 
 
 def _scopes(modules: Any, extra: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -201,11 +200,12 @@ def run_cell(setup: _Setup, source: str, ns: dict[str, Any]) -> CompileReport:
     report = _report(setup, "cell", "cell", recorder, guards, locator, compile_seconds, first_call,
                      runs_done, capture, source)
     return _finish(report, value, timing, diffs, skipped, fg_error, "the cell did not run",
-                   gave_up)
+                   gave_up, sandbox)
 
 
 def _finish(report: CompileReport, value: Any, timing: Any, diffs: Any, skipped: str | None,
-            fg_error: GraphBreak | None, not_run: str, gave_up: list[str]) -> CompileReport:
+            fg_error: GraphBreak | None, not_run: str, gave_up: list[str],
+            sandbox: DynamoSandbox) -> CompileReport:
     report._value = value
     report.timing = timing
     report.check = diffs
@@ -215,6 +215,11 @@ def _finish(report: CompileReport, value: Any, timing: Any, diffs: Any, skipped:
         report.notes.append(f"torch.compile(fullgraph=True) fails before running anything: "
                             f"{not_run} (drop --fullgraph to see every graph break)")
     _no_graph_note(report, gave_up)
+    if sandbox.kept or (sandbox.invalidated and not sandbox.regions):
+        report.notes.append(f"torch {torch.__version__} has no isolated compile caches (2.12+): "
+                            f"{sandbox.invalidated + sandbox.kept} compiled entries of this run "
+                            "stay as dead slots in code you compiled yourself and count towards "
+                            "its recompile_limit")
     return report
 
 
@@ -230,8 +235,10 @@ def _strip_name(diff: OutputDiff) -> OutputDiff:
 def _clone_inputs(obj: Any) -> Any:
     """Copies of the input tensors (a forward that changes its input in place must not change
     the user's), keeping ``torch._dynamo.mark_dynamic`` markings."""
-    from torch._dynamo.utils import copy_dynamo_tensor_attributes
+    import torch._dynamo.utils as dutils
     from torch.utils._pytree import tree_map
+
+    copy_marks = getattr(dutils, "copy_dynamo_tensor_attributes", None)
 
     def clone(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and not t.is_meta:
@@ -239,7 +246,8 @@ def _clone_inputs(obj: Any) -> Any:
                 c = t.detach().clone()
             if t.is_leaf and t.requires_grad:
                 c.requires_grad_(True)
-            copy_dynamo_tensor_attributes(t, c)
+            if copy_marks is not None:
+                copy_marks(t, c)
             return c
         return t
 
@@ -354,7 +362,7 @@ def run_callable(setup: _Setup, target: nn.Module | Callable[..., Any],
     report = _report(setup, label, "module" if is_module else "function", recorder, guards,
                      locator, compile_seconds, first_call, runs_done, capture)
     return _finish(report, output, timing, diffs, skipped, fg_error, f"{label} did not run",
-                   gave_up)
+                   gave_up, sandbox)
 
 
 __all__ = ["run_callable", "run_cell"]

@@ -53,13 +53,12 @@ class DynamoSandbox:
         self._scopes: list[tuple[dict[str, Any], set[str]]] = []
         self.keep: set[str] = set()  # names the caller's own code binds (a cell's assignments)
         self.invalidated = 0  # entries invalidated in code objects the user also compiled
+        self.kept = 0  # entries this torch gave no way to invalidate
 
     # -- entering ----------------------------------------------------------------------------------
     def __enter__(self) -> DynamoSandbox:
         import torch._dynamo  # noqa: F401 - loads dynamo (and its config) once
         import torch._dynamo.eval_frame as eval_frame
-        import torch._dynamo.pgo as pgo
-        import torch._dynamo.symbolic_convert as symbolic_convert
         import torch._dynamo.utils as dutils
 
         self._configs = [(m, m.get_config_copy()) for m in _config_modules()]
@@ -68,13 +67,16 @@ class DynamoSandbox:
         s["guard_failures"] = {k: list(v) for k, v in dutils.guard_failures.items()}
         s["graph_break_reasons"] = list(dutils.graph_break_reasons)
         s["time_metrics"] = {k: list(v) for k, v in dutils.compilation_time_metrics.items()}
-        s["warn_once"] = set(dutils.warn_once_cache)
-        s["code_state"] = copy.deepcopy(pgo._CODE_STATE)
-        s["init_code_state"] = copy.deepcopy(pgo._INIT_CODE_STATE)
-        checker = symbolic_convert.graph_break_dup_warning_checker
-        s["dup_checker"] = copy.copy(checker.set)
-        checker.reset()  # our graph-break log lines are not hidden by the user's earlier ones
-        s["cached_backends"] = set(eval_frame.cached_backends)
+        s["warn_once"] = set(getattr(dutils, "warn_once_cache", ()))
+        pgo = _optional("torch._dynamo.pgo")
+        if pgo is not None:  # automatic-dynamic state (torch 2.6+)
+            s["code_state"] = copy.deepcopy(pgo._CODE_STATE)
+            s["init_code_state"] = copy.deepcopy(pgo._INIT_CODE_STATE)
+        checker = _dup_checker()
+        if checker is not None:
+            s["dup_checker"] = copy.copy(checker.set)
+            checker.reset()  # our graph-break log lines are not hidden by the user's earlier ones
+        s["cached_backends"] = set(getattr(eval_frame, "cached_backends", {}))
         return self
 
     def watch_scope(self, scope: dict[str, Any]) -> None:
@@ -90,12 +92,16 @@ class DynamoSandbox:
                 guard_fail_fn: Callable[[Any], None] | None = None) -> Any:
         """``torch.compile(fn, backend=backend, ...)`` in an isolated cache region of this sandbox
         (through ``torch._dynamo.optimize``, which also takes ``guard_fail_fn``: the reasons of
-        every recompilation)."""
+        every recompilation). Without isolated regions (torch before 2.12) the entries go to the
+        shared cache and are found by their backend on exit."""
         import torch._dynamo
 
         self.backends.append(backend)
+        kwargs: dict[str, Any] = {}
+        if isolation_supported():
+            kwargs["isolate_recompiles"] = True
         ctx = torch._dynamo.optimize(backend, nopython=fullgraph, dynamic=dynamic,
-                                     guard_fail_fn=guard_fail_fn, isolate_recompiles=True)
+                                     guard_fail_fn=guard_fail_fn, **kwargs)
         compiled = ctx(fn)
         region = getattr(ctx, "_isolate_recompiles_id", None)
         if region is None:
@@ -119,16 +125,23 @@ class DynamoSandbox:
                         key != "__builtins__" and key not in self.keep:
                     scope.pop(key, None)
 
+    def _mine(self, code: types.CodeType) -> tuple[list[Any], int]:
+        """(our cache entries in ``code``, how many entries it has in all)."""
+        from torch._C._dynamo import eval_frame as c_eval_frame
+
+        listed = c_eval_frame._debug_get_cache_entry_list(code)
+        total_fn = getattr(c_eval_frame, "_get_total_cache_entry_count", None)
+        total = total_fn(code) if total_fn is not None else len(listed)
+        if self.regions:
+            by_region = c_eval_frame._get_cache_entries_for_region
+            return [e for r in self.regions for e in by_region(code, r)], total
+        return [e for e in listed
+                if any(getattr(e, "backend", None) is b for b in self.backends)], total
+
     def _drop_entries(self) -> None:
         import torch._dynamo.convert_frame as convert_frame
         from torch._C._dynamo.eval_frame import reset_code
-        from torch._dynamo.eval_frame import (
-            _get_cache_entries_for_region,
-            _get_total_cache_entry_count,
-        )
 
-        if not self.regions:
-            return
         codes = []
         for tracker in (convert_frame.input_codes, convert_frame.output_codes):
             for ref in list(tracker.seen):
@@ -142,11 +155,11 @@ class DynamoSandbox:
             if id(code) in done:
                 continue
             done.add(id(code))
-            mine = [e for r in self.regions for e in _get_cache_entries_for_region(code, r)]
+            mine, total = self._mine(code)
             if not mine:
                 continue
             out_codes.extend(e.code for e in mine if getattr(e, "code", None) is not None)
-            if _get_total_cache_entry_count(code) == len(mine):
+            if total == len(mine):
                 reset_code(code)  # nothing of the user's there: forget the code entirely
             else:
                 for entry in mine:
@@ -154,20 +167,21 @@ class DynamoSandbox:
         _remove_installed_globals(out_codes)
 
     def _invalidate(self, entry: Any) -> None:
-        from torch._dynamo.guards import DeletedGuardManagerWrapper
+        try:
+            from torch._dynamo.guards import DeletedGuardManagerWrapper
 
-        manager = entry.guard_manager
-        state = getattr(manager, "extra_state", None)
-        owner = getattr(manager, "cache_entry", None)
-        if state is None or owner is None or isinstance(manager, DeletedGuardManagerWrapper):
-            return
-        state.invalidate(owner, DeletedGuardManagerWrapper(_REASON))
-        self.invalidated += 1
+            manager = entry.guard_manager
+            state = getattr(manager, "extra_state", None)
+            owner = getattr(manager, "cache_entry", None)
+            if state is None or owner is None or isinstance(manager, DeletedGuardManagerWrapper):
+                return
+            state.invalidate(owner, DeletedGuardManagerWrapper(_REASON))
+            self.invalidated += 1
+        except Exception:  # noqa: BLE001 - another torch's internals: the entry stays
+            self.kept += 1
 
     def _restore(self) -> None:
         import torch._dynamo.eval_frame as eval_frame
-        import torch._dynamo.pgo as pgo
-        import torch._dynamo.symbolic_convert as symbolic_convert
         import torch._dynamo.utils as dutils
 
         s = self._saved
@@ -188,16 +202,48 @@ class DynamoSandbox:
         dutils.graph_break_reasons[:] = s["graph_break_reasons"]
         dutils.compilation_time_metrics.clear()
         dutils.compilation_time_metrics.update(s["time_metrics"])
-        dutils.warn_once_cache.clear()
-        dutils.warn_once_cache.update(s["warn_once"])
-        pgo._CODE_STATE = s["code_state"]
-        pgo._INIT_CODE_STATE = s["init_code_state"]
-        checker = symbolic_convert.graph_break_dup_warning_checker
-        checker.set = s["dup_checker"]
-        for key in set(eval_frame.cached_backends) - s["cached_backends"]:
-            if any(eval_frame.cached_backends[key] is b for b in self.backends):
-                del eval_frame.cached_backends[key]
+        if hasattr(dutils, "warn_once_cache"):
+            dutils.warn_once_cache.clear()
+            dutils.warn_once_cache.update(s["warn_once"])
+        pgo = _optional("torch._dynamo.pgo")
+        if pgo is not None and "code_state" in s:
+            pgo._CODE_STATE = s["code_state"]
+            pgo._INIT_CODE_STATE = s["init_code_state"]
+        checker = _dup_checker()
+        if checker is not None and "dup_checker" in s:
+            checker.set = s["dup_checker"]
+        cached = getattr(eval_frame, "cached_backends", {})
+        for key in set(cached) - s["cached_backends"]:
+            if any(cached[key] is b for b in self.backends):
+                del cached[key]
         self.backends.clear()
+
+
+def _optional(name: str) -> Any:
+    """A torch module that older versions may lack (None then)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _dup_checker() -> Any:
+    module = _optional("torch._dynamo.symbolic_convert")
+    return getattr(module, "graph_break_dup_warning_checker", None)
+
+
+def isolation_supported() -> bool:
+    """Whether ``torch.compile`` has isolated cache regions (``isolate_recompiles``, 2.12+)."""
+    import inspect
+
+    import torch
+
+    try:
+        return "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _remove_installed_globals(out_codes: list[types.CodeType]) -> None:
@@ -206,9 +252,12 @@ def _remove_installed_globals(out_codes: list[types.CodeType]) -> None:
     a cell), and unregister their cleanup: dynamo removes them only when the transformed code is
     freed, which a reset does not guarantee. (``__import_*`` module aliases stay, as torch leaves
     them: they are shared by every compile of that namespace.)"""
-    from torch._dynamo.utils import CleanupManager, ExactWeakKeyDictionary
+    import torch._dynamo.utils as dutils
 
-    manager = CleanupManager.instance
+    cleanup = getattr(dutils, "CleanupManager", None)
+    if cleanup is None:
+        return
+    manager = cleanup.instance
     for code in out_codes:
         hooks = manager.values.get(id(code))
         if hooks is None:
@@ -218,7 +267,7 @@ def _remove_installed_globals(out_codes: list[types.CodeType]) -> None:
                 hook()
             except KeyError:  # already gone
                 pass
-        ExactWeakKeyDictionary._remove_id(manager, id(code))
+        dutils.ExactWeakKeyDictionary._remove_id(manager, id(code))
 
 
 def compile_metrics() -> dict[str, list[float]]:
