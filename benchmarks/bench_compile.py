@@ -10,7 +10,7 @@ compiled table of a GPT-style decoder on CPU (what ``--bench`` measures).
    to repay it. Printed as the markdown table the README shows. ``--no-inductor`` skips it (each
    size compiles for 20-60 s on a small CPU machine).
 
-    .venv/bin/python benchmarks/bench_compile.py [--repeat 5] [--threads 2] [--no-inductor]
+    .venv/bin/python benchmarks/bench_compile.py [--repeat 5] [--threads 1] [--no-inductor]
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ def eager_vs_compiled(sizes: list[str], min_time: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared, loaded machine more threads "
+                         "time OpenMP's waiting, not the model)")
     ap.add_argument("--min-time", type=float, default=1.0)
     ap.add_argument("--sizes", default=",".join(SIZES),
                     help=f"comma-separated, among {', '.join(SIZES)}")

@@ -410,3 +410,17 @@ def test_cell_function_refusals_and_names():
         cell_function("from math import *")
     with pytest.raises(TorchMagicError, match="not valid Python"):
         cell_function("x = (")
+
+
+def test_busy_machine_warning_for_threaded_timings(monkeypatch):
+    import os
+
+    from torchmagic.core.compile_timing import _load_warning
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 7.0, 6.0))
+    (w,) = _load_warning(2)
+    assert "load average 7.5 on 2 cores" in w and "torch.set_num_threads(1)" in w
+    assert _load_warning(1) == []
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert _load_warning(2) == []

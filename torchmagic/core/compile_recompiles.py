@@ -230,6 +230,13 @@ def recompiles(failures: list[GuardFailure], locator: Locator) -> list[Recompile
         _, guard, hint, source = _strip(lead.reason)
         kind = classify(guard)
         suggestion, code = suggest(kind, guard, hint)
+        resumed = lead.code is not None and lead.code.co_name.startswith("torch_dynamo_resume_in")
+        if resumed and kind in ("shape", "dtype", "device", "requires_grad") and not hint:
+            # a tensor made before the graph break, passed to the code that resumes after it:
+            # marking it is not something the user can do; the input's recompile says it all
+            suggestion, code = ("this tensor was computed before a graph break and handed to the "
+                                "code that resumes after it: it follows the input's change "
+                                "(see the recompile of the function's own frame)"), None
         guard = _G_NAME.sub(r"\1", guard)  # G['counter'].n -> counter.n (as L[...] already is)
         obj = lead.code
         place = None

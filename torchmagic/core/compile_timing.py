@@ -106,13 +106,31 @@ def time_pair(eager: Callable[[], Any], compiled: Callable[[], Any], *, min_time
             parts[i].append(m)
             runs[i] += m.number_per_run * len(m.raw_times)
     e, c = (Measurement.merge(p)[0] for p in parts)
-    warnings = []
+    warnings = _load_warning(threads)
     for label, m in (("eager", e), ("compiled", c)):
         if m.median and m.iqr / m.median > 0.1:
             warnings.append(f"{label} time varies: IQR is {100 * m.iqr / m.median:.0f}% of the "
                             "median (a noisy machine; --min-time runs longer)")
     return CompileTiming(e.median, e.iqr, runs[0], c.median, c.iqr, runs[1], threads,
                          first_call_seconds, warnings)
+
+
+def _load_warning(threads: int) -> list[str]:
+    """A warning when the machine is busier than its cores: threaded timings then measure the
+    waiting of OpenMP threads more than the code (seen here: 2 threads on a loaded 2-core
+    machine made a 2 ms forward take 300 ms)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return []
+    if threads > 1 and load > cores:
+        return [f"the machine is busy (load average {load:.1f} on {cores} cores): timings with "
+                f"{threads} threads are unreliable; torch.set_num_threads(1) gives steadier "
+                "numbers"]
+    return []
 
 
 def _leaves(obj: Any, prefix: str, depth: int = 0) -> list[tuple[str, Any]]:

@@ -95,10 +95,12 @@ def _graph_table(r: Any) -> Table:
         if g.break_index is not None:
             end = f"break{f' #{g.break_index}' if g.run == 1 else ''}: {g.break_kind or g.ends}" \
                   f" at {_short_place(g.place)}"
-        rows.append([str(g.index), f"{g.run}" + (" (recompiled)" if g.recompile else ""),
+        rows.append([str(g.index), f"{g.run}" + ("*" if g.recompile else ""),
                      g.function, str(g.ops), ops, end])
+    notes = ["* recompiled: the frame was compiled again for this call"] \
+        if any(g.recompile for g in r.graphs) else []
     return Table(["graph", "call", "frame", "ops", "top ops", "ends with"], rows,
-                 align=["r", "l", "l", "r", "l", "l"])
+                 align=["r", "l", "l", "r", "l", "l"], notes=notes)
 
 
 def _recompile_lines(rc: Any) -> list[str]:
