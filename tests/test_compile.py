@@ -1,8 +1,9 @@
 """``torchmagic.explain_compile``: graph breaks and recompiles known by construction, each checked
 against ``torch._dynamo.explain`` on the same code (computed here), exact lines and kinds.
 
-dynamo runs with the ``eager``/``aot_eager`` backends here (a real inductor compile takes ~15 s
-on CPU: those are in ``test_compile_inductor.py``, marked slow).
+dynamo runs with the ``eager`` backend here: AOT autograd (``aot_eager``, inductor) leaves
+tensors alive for the rest of the process (``PhiloxStateTracker``), which tests counting live
+tensors would see; the inductor tests run in subprocesses (``test_compile_inductor.py``, slow).
 """
 
 from __future__ import annotations
@@ -27,9 +28,19 @@ def _line_of(fn, needle: str) -> int:
     raise AssertionError(f"{needle!r} not in {fn}")
 
 
-def _explain(fn, *args):
-    """dynamo's own answer (``explain`` resets dynamo: fine in a test)."""
-    return torch._dynamo.explain(fn)(*args)
+def _explain(fn, *args, modules=()):
+    """dynamo's own answer. ``explain`` resets dynamo (fine in a test) but leaves its compiled
+    functions in the globals of the code it compiled, keeping fake tensors alive that later
+    tests (``%gpumem --top``) would count: it runs in the magic's sandbox, which removes them
+    and puts dynamo's counters back (the counts are explain's own)."""
+    from torchmagic.core.compile_run import _scopes
+    from torchmagic.core.compile_sandbox import DynamoSandbox
+
+    mods = [fn, *modules] if isinstance(fn, nn.Module) else list(modules)
+    with DynamoSandbox() as sandbox:
+        for scope in _scopes(mods, getattr(fn, "__globals__", None)):
+            sandbox.watch_scope(scope)
+        return torch._dynamo.explain(fn)(*args)
 
 
 # -- code whose graph breaks are known by construction ----------------------------------------
@@ -230,7 +241,7 @@ def test_check_compares_outputs_per_leaf():
     def two(x):
         return {"a": x.sin(), "b": (x.cos(), 3)}
 
-    report = explain_compile(two, torch.randn(5), backend="aot_eager", check=True)
+    report = explain_compile(two, torch.randn(5), backend="eager", check=True)
     names = [d.name for d in report.check]
     assert names == ["out['a']", "out['b'][0]", "out['b'][1]"]
     assert all(d.close for d in report.check)
@@ -242,7 +253,7 @@ def test_check_matches_random_ops_by_replaying_the_rng():
     def noisy(x):
         return x + torch.randn_like(x)
 
-    report = explain_compile(noisy, torch.zeros(6), backend="aot_eager", check=True)
+    report = explain_compile(noisy, torch.zeros(6), backend="eager", check=True)
     assert report.check[0].equal  # eager rerun from the same RNG state: same numbers
 
 
@@ -262,7 +273,7 @@ def test_bench_times_both_sides_the_same_way():
     def mm(x):
         return (x @ x).relu().sum()
 
-    report = explain_compile(mm, torch.randn(32, 32), backend="aot_eager", bench=True,
+    report = explain_compile(mm, torch.randn(32, 32), backend="eager", bench=True,
                              min_time=0.02)
     t = report.timing
     assert t.eager_median > 0 and t.compiled_median > 0 and t.threads == torch.get_num_threads()
@@ -387,7 +398,7 @@ def test_a_changed_global_is_a_global_recompile():
 
 
 def test_to_dict_carries_the_derived_numbers():
-    report = explain_compile(with_print, torch.randn(3), backend="aot_eager", bench=True,
+    report = explain_compile(with_print, torch.randn(3), backend="eager", bench=True,
                              min_time=0.01)
     d = report.to_dict()
     assert d["graph_count"] == 2 and d["graph_break_count"] == 1

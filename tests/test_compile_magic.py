@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from conftest import outputs, run
 from IPython.core.error import UsageError
+from test_compile import _explain
 
 
 class HereNet(nn.Module):
@@ -27,6 +28,14 @@ class HereNet(nn.Module):
         x = self.fc(x)
         print("in forward")
         return x.relu()
+
+
+@pytest.fixture
+def html_mode(ip):
+    """HTML output for this test only (%config persists on the shell across tests)."""
+    ip.run_line_magic("config", "TorchMagic.display = 'html'")
+    yield ip
+    ip.run_line_magic("config", "TorchMagic.display = 'auto'")
 
 
 def _setup(ip):
@@ -68,7 +77,7 @@ def test_cell_count_equals_explain_of_the_same_function(ip):
     ns = ip.user_ns
     cf = cell_function(CELL)
     fn = cf.function(dict(ns))  # explain installs its globals there (and resets dynamo)
-    ref = torch._dynamo.explain(fn)(*cf.arguments(ns))
+    ref = _explain(fn, *cf.arguments(ns), modules=[ns["model"]])
     _, _ = run(ip, "compile --backend eager -o rep", CELL)
     rep = ns["rep"]
     assert rep.graph_count == ref.graph_count
@@ -116,7 +125,7 @@ def test_bench_and_check_rerun_on_copies(ip):
     bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     ip.user_ns.update(bn=bn, x=torch.randn(8, 4))
     stats = bn[1].running_mean.clone()
-    _, shown = run(ip, "compile --backend aot_eager --bench --check --min-time 0.02 -o rep",
+    _, shown = run(ip, "compile --backend eager --bench --check --min-time 0.02 -o rep",
                    "y = bn(x)\nnoise = torch.randn(3)\ny.sum()")
     rep = ip.user_ns["rep"]
     # the real run updated the statistics once (train mode), the reruns on copies did not
@@ -218,10 +227,10 @@ def test_fullgraph_in_a_cell_reports_and_does_not_run(ip):
     assert "fullgraph=True FAILS at" in shown
 
 
-def test_text_fits_the_width_and_html_is_self_contained(ip, monkeypatch):
+def test_text_fits_the_width_and_html_is_self_contained(html_mode, monkeypatch):
+    ip = html_mode
     _setup(ip)
     monkeypatch.setenv("COLUMNS", "72")
-    ip.run_line_magic("config", "TorchMagic.display = 'html'")
     bundles = outputs(ip, "compile --backend eager --logs graph_breaks", CELL)
     text, html = bundles[-1]["text/plain"], bundles[-1]["text/html"]
     long = [ln for ln in text.splitlines() if len(ln) > 72 and " " in ln.strip()]
@@ -244,9 +253,9 @@ def test_model_must_be_callable(ip):
         ip.run_line_magic("compile", "s (2,2)")
 
 
-def test_html_lists_recompiles_and_fullgraph_failure(ip):
+def test_html_lists_recompiles_and_fullgraph_failure(html_mode):
+    ip = html_mode
     _setup(ip)
-    ip.run_line_magic("config", "TorchMagic.display = 'html'")
     bundles = outputs(ip, "compile model (2,4) --then (3,4) --backend eager")
     html = bundles[-1]["text/html"]
     assert "Recompiles (1)" in html and "size mismatch at index 0" in html

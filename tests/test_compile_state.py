@@ -42,6 +42,19 @@ class CountingBackend:
         return gm.forward
 
 
+@pytest.fixture
+def users_compile():
+    """The test's own ``torch.compile`` (the "user's"), dropped at the end of the test the way
+    the magic drops its own (``torch._dynamo.reset()`` would leave its objects alive, which later
+    tests counting live tensors would see). Call it with each backend the test compiles with."""
+    from torchmagic.core.compile_sandbox import DynamoSandbox
+
+    sandbox = DynamoSandbox()
+    sandbox.__enter__()
+    yield sandbox.backends.append
+    sandbox.__exit__(None, None, None)
+
+
 def _dynamo_state():
     import torch._dynamo.pgo as pgo
     import torch._dynamo.utils as dutils
@@ -75,11 +88,12 @@ def _same_dynamo_state(before, after):
             assert before[key] == after[key], key
 
 
-def test_user_compiled_model_keeps_its_cache_and_ours_is_gone():
+def test_user_compiled_model_keeps_its_cache_and_ours_is_gone(users_compile):
     torch.manual_seed(0)
     model = Net()
     x = torch.randn(8, 4)
     backend = CountingBackend()
+    users_compile(backend)
     compiled = torch.compile(model, backend=backend)
     compiled(x)
     compiled_before = backend.graphs
@@ -96,14 +110,15 @@ def test_user_compiled_model_keeps_its_cache_and_ours_is_gone():
     assert backend.graphs == compiled_before
 
 
-def test_cell_leaves_no_compiled_code_and_no_state(ip):
+def test_cell_leaves_no_compiled_code_and_no_state(ip, users_compile):
     from torch._dynamo.eval_frame import _get_total_cache_entry_count
 
     torch.manual_seed(0)
     ip.user_ns.update(model=Net(), x=torch.randn(8, 4))
     user_backend = CountingBackend()
+    users_compile(user_backend)
     ip.user_ns["cm"] = torch.compile(ip.user_ns["model"], backend=user_backend)
-    ip.run_cell("cm(x)")
+    ip.run_cell("out = cm(x)")
     seen = user_backend.graphs
     keys = set(ip.user_ns)
     state = _dynamo_state()
@@ -114,7 +129,7 @@ def test_cell_leaves_no_compiled_code_and_no_state(ip):
     # the forward: only the user's entries remain (ours are reset or invalidated)
     code = Net.forward.__code__
     assert _get_total_cache_entry_count(code) >= 1
-    ip.run_cell("cm(x)")
+    ip.run_cell("out = cm(x)")
     assert user_backend.graphs == seen
     # a function only the magic compiled keeps no cache entry at all
     ip.run_cell("def f(t):\n    return t.sin() + 1")
@@ -122,12 +137,13 @@ def test_cell_leaves_no_compiled_code_and_no_state(ip):
     assert _get_total_cache_entry_count(ip.user_ns["f"].__code__) == 0
 
 
-def test_automatic_dynamic_state_does_not_leak_into_the_users_compile():
+def test_automatic_dynamic_state_does_not_leak_into_the_users_compile(users_compile):
     def g(t):
         return t * 2
 
     explain_compile(g, torch.randn(2), calls=[torch.randn(3)], backend="eager")
     backend = CountingBackend()
+    users_compile(backend)
     fails = []
     user = torch._dynamo.optimize(backend, guard_fail_fn=fails.append)(g)
     user(torch.randn(2))
@@ -135,7 +151,6 @@ def test_automatic_dynamic_state_does_not_leak_into_the_users_compile():
     # the user's second size recompiles with automatic dynamic shapes as on a fresh start
     # (had our run's observation leaked, the first compile would already be dynamic)
     assert backend.graphs == 2 and "size mismatch" in fails[0].reason
-    torch._dynamo.reset()
 
 
 def test_failure_and_ctrl_c_restore_everything():
@@ -184,6 +199,34 @@ def test_global_torch_settings_are_restored_in_the_line_form(ip):
     ip.user_ns.update(model=Net(), x=torch.randn(8, 4))
     snap = Snapshot.take(model=ip.user_ns["model"])
     grad = torch.is_grad_enabled()
-    run(ip, "compile model x --backend aot_eager --check --bench --min-time 0.01")
+    run(ip, "compile model x --backend eager --check --bench --min-time 0.01")
     snap.assert_unchanged()  # includes the RNG the check replayed and the dropout consumed
     assert torch.is_grad_enabled() == grad
+
+
+def test_no_parameter_or_fake_tensor_outlives_the_run():
+    """dynamo's guard managers live on through weakref callbacks on classes, and its fake
+    tensors form autograd cycles the garbage collector cannot see: neither may keep our run's
+    objects (the twin, hence the user's parameters; fake tensors) alive."""
+    import weakref
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def fakes() -> int:
+        gc.collect()
+        return sum(issubclass(type(o), FakeTensor) for o in gc.get_objects())
+
+    x = torch.randn(8, 4)
+    explain_compile(Net(), x, backend="eager")  # warm-up: dynamo's own one-time objects
+    before = fakes()
+    for kwargs in ({}, {"check": True}, {"calls": [torch.randn(3, 4)]}):
+        model = Net()
+        weight = weakref.ref(model.fc.weight)
+        explain_compile(model, x, backend="eager", **kwargs)
+        del model
+        gc.collect()
+        assert weight() is None, kwargs
+    ns = {"model": Net(), "x": x}
+    explain_compile("y = model(x)\nz = y.sin()", namespace=ns, backend="eager")
+    del ns
+    assert fakes() == before

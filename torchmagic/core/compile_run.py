@@ -108,7 +108,6 @@ def _cell_outputs(cf: Any, value: Any, values: Sequence[Any]) -> dict[str, Any]:
 def run_cell(setup: _Setup, source: str, ns: dict[str, Any]) -> CompileReport:
     """Compile and run a cell in ``ns`` (see ``explain_compile``)."""
     __tracebackhide__ = True
-    from torchmagic.core.bench import cell_error, watch
 
     cf = cell_function(source)
     refs = list(dict.fromkeys([*cf.reads, *cf.names]))
@@ -118,6 +117,18 @@ def run_cell(setup: _Setup, source: str, ns: dict[str, Any]) -> CompileReport:
     locator = Locator(mods, cf.filename, source)
     recorder = Recorder(_backend(setup), locator)
     guards = GuardLog(locator)
+    try:
+        return _run_cell(setup, source, ns, cf, refs, mods, locator, recorder, guards)
+    finally:
+        recorder.release()  # also on failure: nothing of the run stays referenced
+
+
+def _run_cell(setup: _Setup, source: str, ns: dict[str, Any], cf: Any, refs: list[str],
+              mods: dict[str, nn.Module], locator: Locator, recorder: Recorder,
+              guards: GuardLog) -> CompileReport:
+    __tracebackhide__ = True
+    from torchmagic.core.bench import cell_error, watch
+
     rerun = setup.bench or setup.check
     watched = watch({n: ns[n] for n in refs if n in ns}) if rerun else []
     ns_copy = dict(ns) if rerun else {}
@@ -300,68 +311,75 @@ def run_callable(setup: _Setup, target: nn.Module | Callable[..., Any],
     check_compiler(setup.backend, setup.explain)
     with preserved_global_state() as entry_state:
         fn: Any = shared_twins({label: target})[label] if is_module else target
-        roots = {label: fn} if is_module else {}
-        locator = Locator(roots)
+        locator = Locator({label: fn} if is_module else {})
         recorder = Recorder(_backend(setup), locator)
         guards = GuardLog(locator)
-        output: Any = None
-        first_output: Any = None
-        first_call = 0.0
-        runs_done = 0
-        fg_error = None
-        timing = None
-        diffs = None
-        skipped = None
-        with DynamoSandbox() as sandbox, captured_logs(setup.logs) as capture, \
-                _check_patch(setup):
-            for scope in _scopes([fn] if is_module else [], getattr(fn, "__globals__", None)):
-                sandbox.watch_scope(scope)
-            counters = counters_copy()
-            compiled = sandbox.compile(fn, recorder, fullgraph=setup.fullgraph,
-                                       dynamic=setup.dynamic, guard_fail_fn=guards)
-            start = _metric()
-            for run, p in enumerate(prepared, start=1):
-                recorder.run = guards.run = run
-                args, kwargs = _clone_inputs((p.args, p.kwargs))
-                t0 = time.perf_counter()
-                try:
-                    output = compiled(*args, **kwargs)
-                except Exception as exc:  # noqa: BLE001 - sorted below
-                    if setup.fullgraph and _unsupported(exc):
-                        fg_error = _fullgraph_break(exc, locator, run)
-                        break
-                    if is_module:
-                        failure = _describe_forward_failure(target, label, p.args, p.kwargs)
-                        if failure is not None:
-                            raise failure from None
-                    if _is_compile_error(exc):
-                        raise _compile_failure(exc, locator, setup.backend) from None
-                    raise ForwardError(f"{label} raised {type(exc).__name__}: "
-                                       f"{' '.join(str(exc).split())[:200]}",
-                                       original=exc) from None
-                if run == 1:
-                    first_call = time.perf_counter() - t0
-                    first_output = output
-                runs_done = run
-            compile_seconds = _metric() - start
-            gave_up = _gave_up(counters)
-            recorder.recording = guards.recording = False
-            if (setup.bench or setup.check) and fg_error is None:
-                p = prepared[0]
-                eager_fn: Any = shared_twins({label: target})[label] if is_module else target
-                e_args, e_kwargs = _clone_inputs((p.args, p.kwargs))
-                c_args, c_kwargs = _clone_inputs((p.args, p.kwargs))
-                with quiet():
-                    if setup.check:
-                        entry_state.restore()  # the RNG and settings of the first compiled call
-                        diffs = compare_outputs(eager_fn(*e_args, **e_kwargs), first_output)
-                    if setup.bench:
-                        timing = time_pair(lambda: eager_fn(*e_args, **e_kwargs),
-                                           lambda: compiled(*c_args, **c_kwargs),
-                                           min_time=setup.min_time, first_call_seconds=first_call)
+        try:
+            return _run_callable(setup, target, fn, label, prepared, entry_state, locator,
+                                 recorder, guards)
+        finally:
+            recorder.release()  # also on failure: nothing of the run stays referenced
+
+
+def _run_callable(setup: _Setup, target: Any, fn: Any, label: str, prepared: list[Any],
+                  entry_state: GlobalState, locator: Locator, recorder: Recorder,
+                  guards: GuardLog) -> CompileReport:
+    is_module = isinstance(target, nn.Module)
+    output: Any = None
+    first_output: Any = None
+    first_call = 0.0
+    runs_done = 0
+    fg_error = None
+    timing = None
+    diffs = None
+    with DynamoSandbox() as sandbox, captured_logs(setup.logs) as capture, _check_patch(setup):
+        for scope in _scopes([fn] if is_module else [], getattr(fn, "__globals__", None)):
+            sandbox.watch_scope(scope)
+        counters = counters_copy()
+        compiled = sandbox.compile(fn, recorder, fullgraph=setup.fullgraph,
+                                   dynamic=setup.dynamic, guard_fail_fn=guards)
+        start = _metric()
+        for run, p in enumerate(prepared, start=1):
+            recorder.run = guards.run = run
+            args, kwargs = _clone_inputs((p.args, p.kwargs))
+            t0 = time.perf_counter()
+            try:
+                output = compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                if setup.fullgraph and _unsupported(exc):
+                    fg_error = _fullgraph_break(exc, locator, run)
+                    break
+                if is_module:
+                    failure = _describe_forward_failure(target, label, p.args, p.kwargs)
+                    if failure is not None:
+                        raise failure from None
+                if _is_compile_error(exc):
+                    raise _compile_failure(exc, locator, setup.backend) from None
+                raise ForwardError(f"{label} raised {type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())[:200]}", original=exc) from None
+            if run == 1:
+                first_call = time.perf_counter() - t0
+                first_output = output
+            runs_done = run
+        compile_seconds = _metric() - start
+        gave_up = _gave_up(counters)
+        recorder.recording = guards.recording = False
+        if (setup.bench or setup.check) and fg_error is None:
+            p = prepared[0]
+            eager_fn: Any = shared_twins({label: target})[label] if is_module else target
+            e_args, e_kwargs = _clone_inputs((p.args, p.kwargs))
+            c_args, c_kwargs = _clone_inputs((p.args, p.kwargs))
+            with quiet():
+                if setup.check:
+                    entry_state.restore()  # the RNG and settings of the first compiled call
+                    diffs = compare_outputs(eager_fn(*e_args, **e_kwargs), first_output)
+                if setup.bench:
+                    timing = time_pair(lambda: eager_fn(*e_args, **e_kwargs),
+                                       lambda: compiled(*c_args, **c_kwargs),
+                                       min_time=setup.min_time, first_call_seconds=first_call)
     report = _report(setup, label, "module" if is_module else "function", recorder, guards,
                      locator, compile_seconds, first_call, runs_done, capture)
-    return _finish(report, output, timing, diffs, skipped, fg_error, f"{label} did not run",
+    return _finish(report, output, timing, diffs, None, fg_error, f"{label} did not run",
                    gave_up, sandbox)
 
 

@@ -54,6 +54,7 @@ class DynamoSandbox:
         self.keep: set[str] = set()  # names the caller's own code binds (a cell's assignments)
         self.invalidated = 0  # entries invalidated in code objects the user also compiled
         self.kept = 0  # entries this torch gave no way to invalidate
+        self._before: set[int] = set()  # fake modes and guard managers alive on entry
 
     # -- entering ----------------------------------------------------------------------------------
     def __enter__(self) -> DynamoSandbox:
@@ -77,6 +78,9 @@ class DynamoSandbox:
             s["dup_checker"] = copy.copy(checker.set)
             checker.reset()  # our graph-break log lines are not hidden by the user's earlier ones
         s["cached_backends"] = set(getattr(eval_frame, "cached_backends", {}))
+        from torch._dynamo.guards import CheckFunctionManager
+
+        self._before = {id(o) for o in _scan((FakeTensorMode_type(), CheckFunctionManager))}
         return self
 
     def watch_scope(self, scope: dict[str, Any]) -> None:
@@ -115,15 +119,51 @@ class DynamoSandbox:
         try:
             self._drop_entries()
             self._clean_scopes()
+            self._break_fake_cycles()
         finally:
             self._restore()
 
+    def _break_fake_cycles(self) -> None:
+        """Release what dynamo would keep of our compiles once their code is dropped.
+
+        - ``tracked_fakes`` of the fake modes our compiles made: under grad mode a fake tensor's
+          autograd graph (C++, invisible to the garbage collector) links fakes that hold their
+          mode, whose ``ShapeEnv.tracked_fakes`` holds them (``torch._dynamo.explain`` and
+          ``reset()`` leave them alive);
+        - every ``CheckFunctionManager`` made during the block that no cache entry uses any more
+          (ours, dropped; also those ``explain``'s own reset orphans): ``weakref.finalize``
+          callbacks on the objects its guards watch (classes, functions: they live for ever)
+          keep it, and through its C++ guard tree the guarded objects (our copy of the model,
+          hence the user's parameters). Its guards are replaced by a deleted marker and its
+          finalizers detached. A compile of the user's during the block keeps its own."""
+        from torch._dynamo.guards import CheckFunctionManager, DeletedGuardManagerWrapper
+
+        live = _live_guard_managers()
+        cfms = []
+        for obj in _scan((FakeTensorMode_type(), CheckFunctionManager)):
+            if id(obj) in self._before:
+                continue
+            if isinstance(obj, CheckFunctionManager):
+                manager = getattr(obj, "guard_manager", None)
+                if not isinstance(manager, DeletedGuardManagerWrapper) and id(manager) not in live:
+                    cfms.append(obj)  # made during the block, serving no cached code now
+                continue
+            tracked = getattr(getattr(obj, "shape_env", None), "tracked_fakes", None)
+            if isinstance(tracked, list):
+                tracked.clear()
+        if cfms:
+            _retire(cfms)
+
     def _clean_scopes(self) -> None:
+        removed: set[tuple[int, str]] = set()
         for scope, before in self._scopes:
             for key in [k for k in scope if k not in before]:
                 if key.startswith("__") and not key.startswith("__import_") and \
                         key != "__builtins__" and key not in self.keep:
                     scope.pop(key, None)
+                    removed.add((id(scope), key))
+        if removed:
+            _forget_cleanup_hooks(removed)
 
     def _mine(self, code: types.CodeType) -> tuple[list[Any], int]:
         """(our cache entries in ``code``, how many entries it has in all)."""
@@ -136,7 +176,8 @@ class DynamoSandbox:
             by_region = c_eval_frame._get_cache_entries_for_region
             return [e for r in self.regions for e in by_region(code, r)], total
         return [e for e in listed
-                if any(getattr(e, "backend", None) is b for b in self.backends)], total
+                if any(_unwrap(getattr(e, "backend", None)) is _unwrap(b)
+                       for b in self.backends)], total
 
     def _drop_entries(self) -> None:
         import torch._dynamo.convert_frame as convert_frame
@@ -219,6 +260,65 @@ class DynamoSandbox:
         self.backends.clear()
 
 
+def _unwrap(backend: Any) -> Any:
+    """The callable behind torch.compile's backend wrappers."""
+    for _ in range(4):
+        inner = getattr(backend, "compiler_fn", None) or \
+            getattr(backend, "_torchdynamo_orig_backend", None)
+        if inner is None or inner is backend:
+            return backend
+        backend = inner
+    return backend
+
+
+def FakeTensorMode_type() -> type:  # noqa: N802 - a class, imported late
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode
+
+
+def _scan(types_: tuple[type, ...]) -> list[Any]:
+    """Live objects of these types (a scan of the garbage collector's objects; type() rather
+    than isinstance: the scan also meets dead weak proxies)."""
+    import gc
+
+    return [o for o in gc.get_objects() if issubclass(type(o), types_)]
+
+
+def _live_guard_managers() -> set[int]:
+    """ids of the guard managers of every cache entry of the code objects dynamo has seen."""
+    import torch._dynamo.convert_frame as convert_frame
+    from torch._C._dynamo import eval_frame as c_eval_frame
+
+    out: set[int] = set()
+    for tracker in (convert_frame.input_codes, convert_frame.output_codes):
+        for ref in list(tracker.seen):
+            code = ref()
+            if code is not None:
+                out.update(id(e.guard_manager)
+                           for e in c_eval_frame._debug_get_cache_entry_list(code))
+    return out
+
+
+def _retire(cfms: list[Any]) -> None:
+    """Drop the guards of dynamo's ``CheckFunctionManager`` s and detach their finalizers."""
+    import functools
+    import weakref
+
+    from torch._dynamo.guards import DeletedGuardManagerWrapper
+
+    ids = {id(c) for c in cfms}
+    for cfm in cfms:
+        cfm.guard_manager = DeletedGuardManagerWrapper(_REASON)
+        cfm.output_graph = None
+    registry = getattr(weakref.finalize, "_registry", {})
+    for fin, info in list(registry.items()):
+        func = getattr(info, "func", None)
+        if isinstance(func, functools.partial) and \
+                id(getattr(func.func, "__self__", None)) in ids:
+            fin.detach()
+
+
 def _optional(name: str) -> Any:
     """A torch module that older versions may lack (None then)."""
     import importlib
@@ -268,6 +368,26 @@ def _remove_installed_globals(out_codes: list[types.CodeType]) -> None:
             except KeyError:  # already gone
                 pass
         dutils.ExactWeakKeyDictionary._remove_id(manager, id(code))
+
+
+def _forget_cleanup_hooks(removed: set[tuple[int, str]]) -> None:
+    """Unregister dynamo's cleanup hooks for globals we deleted (each would otherwise raise a
+    KeyError, printed as "Exception ignored", when its code object is finally freed)."""
+    import torch._dynamo.utils as dutils
+
+    cleanup = getattr(dutils, "CleanupManager", None)
+    if cleanup is None:
+        return
+    manager = cleanup.instance
+    for idx, hooks in list(manager.values.items()):
+        kept = [h for h in hooks if (id(getattr(h, "scope", None)), getattr(h, "name", None))
+                not in removed]
+        if len(kept) == len(hooks):
+            continue
+        if kept:
+            manager.values[idx] = kept
+        else:
+            dutils.ExactWeakKeyDictionary._remove_id(manager, idx)
 
 
 def compile_metrics() -> dict[str, list[float]]:
