@@ -387,7 +387,6 @@ class Recorder:
         self.recording = True  # False while timing: graphs compiled then are not reported
         self.codegen_seconds = 0.0
         self.extra_graphs = 0  # compiled while not recording (timing on copies)
-        self.fake_modes: list[Any] = []  # dynamo's FakeTensorMode of each compile (see release)
         self._explain_state: tuple[list[Any], int, list[Any], list[Any]] = ([], 0, [], [])
         if inner is not None and hasattr(inner, "get_compiler_config"):
             self.get_compiler_config = inner.get_compiler_config
@@ -400,7 +399,6 @@ class Recorder:
         return self._explain_state[3]
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        self._keep_fake_mode()
         if self.recording:
             self._record(gm)
         else:
@@ -416,31 +414,8 @@ class Recorder:
                 self.codegen_seconds += spent
                 self.graphs[-1].codegen_seconds = spent
 
-    def _keep_fake_mode(self) -> None:
-        try:
-            from torch._guards import TracingContext
-
-            ctx = TracingContext.try_get()
-            mode = getattr(ctx, "fake_mode", None)
-        except Exception:  # noqa: BLE001 - another torch's internals
-            mode = None
-        if mode is not None and not any(m is mode for m in self.fake_modes):
-            self.fake_modes.append(mode)
-
     def release(self) -> None:
-        """Break the fake-tensor cycles of our compiles once their code is dropped.
-
-        Under grad mode, dynamo's ``ShapeEnv.tracked_fakes`` holds fake tensors whose autograd
-        ``grad_fn`` (a C++ edge the garbage collector cannot see) leads back to fakes that hold
-        the mode: once the compiled code is gone nothing frees them (``torch._dynamo.explain``
-        and ``torch._dynamo.reset()`` leave them too). Emptying ``tracked_fakes`` breaks the
-        cycle."""
-        for mode in self.fake_modes:
-            env = getattr(mode, "shape_env", None)
-            tracked = getattr(env, "tracked_fakes", None)
-            if isinstance(tracked, list):
-                tracked.clear()
-        self.fake_modes.clear()
+        """Drop everything the run referenced (graphs, backend, modules)."""
         self._explain_state = ([], 0, [], [])
         self.inner = None
         self.locator.release()

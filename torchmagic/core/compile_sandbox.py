@@ -54,7 +54,6 @@ class DynamoSandbox:
         self.keep: set[str] = set()  # names the caller's own code binds (a cell's assignments)
         self.invalidated = 0  # entries invalidated in code objects the user also compiled
         self.kept = 0  # entries this torch gave no way to invalidate
-        self._before: set[int] = set()  # fake modes and guard managers alive on entry
 
     # -- entering ----------------------------------------------------------------------------------
     def __enter__(self) -> DynamoSandbox:
@@ -78,9 +77,6 @@ class DynamoSandbox:
             s["dup_checker"] = copy.copy(checker.set)
             checker.reset()  # our graph-break log lines are not hidden by the user's earlier ones
         s["cached_backends"] = set(getattr(eval_frame, "cached_backends", {}))
-        from torch._dynamo.guards import CheckFunctionManager
-
-        self._before = {id(o) for o in _scan((FakeTensorMode_type(), CheckFunctionManager))}
         return self
 
     def watch_scope(self, scope: dict[str, Any]) -> None:
@@ -126,33 +122,30 @@ class DynamoSandbox:
     def _break_fake_cycles(self) -> None:
         """Release what dynamo would keep of our compiles once their code is dropped.
 
-        - ``tracked_fakes`` of the fake modes our compiles made: under grad mode a fake tensor's
-          autograd graph (C++, invisible to the garbage collector) links fakes that hold their
-          mode, whose ``ShapeEnv.tracked_fakes`` holds them (``torch._dynamo.explain`` and
-          ``reset()`` leave them alive);
-        - every ``CheckFunctionManager`` made during the block that no cache entry uses any more
-          (ours, dropped; also those ``explain``'s own reset orphans): ``weakref.finalize``
-          callbacks on the objects its guards watch (classes, functions: they live for ever)
-          keep it, and through its C++ guard tree the guarded objects (our copy of the model,
-          hence the user's parameters). Its guards are replaced by a deleted marker and its
-          finalizers detached. A compile of the user's during the block keeps its own."""
-        from torch._dynamo.guards import CheckFunctionManager, DeletedGuardManagerWrapper
+        - every ``CheckFunctionManager`` no cache entry uses (ours, dropped; those a
+          ``torch._dynamo.reset()`` orphaned), found through the ``weakref.finalize``
+          callbacks that keep it: they sit on the objects its guards watch (classes,
+          functions: they live for ever) and, through its C++ guard tree, keep the guarded
+          objects alive (our copy of the model, hence the user's parameters). Its guards are
+          replaced by a deleted marker and its finalizers detached. Guard managers of live cache
+          entries (the user's compiled code) are not touched;
+        - fake modes (one scan of the garbage collector's objects, ~0.1 s in a large session):
+          ``tracked_fakes`` is emptied; it only serves the compile that made the mode, which
+          is over. Under grad mode a fake tensor's autograd graph (C++, invisible to the garbage
+          collector) links fakes that hold their mode, whose ``tracked_fakes`` holds them
+          (``torch._dynamo.explain`` and ``reset()`` leave them alive)."""
+        from torch._dynamo.guards import DeletedGuardManagerWrapper
 
         live = _live_guard_managers()
-        cfms = []
-        for obj in _scan((FakeTensorMode_type(), CheckFunctionManager)):
-            if id(obj) in self._before:
-                continue
-            if isinstance(obj, CheckFunctionManager):
-                manager = getattr(obj, "guard_manager", None)
-                if not isinstance(manager, DeletedGuardManagerWrapper) and id(manager) not in live:
-                    cfms.append(obj)  # made during the block, serving no cached code now
-                continue
-            tracked = getattr(getattr(obj, "shape_env", None), "tracked_fakes", None)
-            if isinstance(tracked, list):
-                tracked.clear()
+        cfms = [c for c in _finalized_cfms()
+                if not isinstance(getattr(c, "guard_manager", None), DeletedGuardManagerWrapper)
+                and id(getattr(c, "guard_manager", None)) not in live]
         if cfms:
             _retire(cfms)
+        for mode in _fake_modes():
+            tracked = getattr(getattr(mode, "shape_env", None), "tracked_fakes", None)
+            if isinstance(tracked, list):
+                tracked.clear()
 
     def _clean_scopes(self) -> None:
         removed: set[tuple[int, str]] = set()
@@ -271,18 +264,31 @@ def _unwrap(backend: Any) -> Any:
     return backend
 
 
-def FakeTensorMode_type() -> type:  # noqa: N802 - a class, imported late
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    return FakeTensorMode
-
-
-def _scan(types_: tuple[type, ...]) -> list[Any]:
-    """Live objects of these types (a scan of the garbage collector's objects; type() rather
-    than isinstance: the scan also meets dead weak proxies)."""
+def _fake_modes() -> list[Any]:
+    """Every live ``FakeTensorMode`` (type(), not isinstance: the garbage collector's list also
+    holds dead weak proxies)."""
     import gc
 
-    return [o for o in gc.get_objects() if issubclass(type(o), types_)]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return [o for o in gc.get_objects() if issubclass(type(o), FakeTensorMode)]
+
+
+def _finalized_cfms() -> list[Any]:
+    """dynamo's ``CheckFunctionManager`` s that ``weakref.finalize`` callbacks keep alive."""
+    import functools
+    import weakref
+
+    from torch._dynamo.guards import CheckFunctionManager
+
+    out: dict[int, Any] = {}
+    for info in list(getattr(weakref.finalize, "_registry", {}).values()):
+        func = getattr(info, "func", None)
+        owner = getattr(getattr(func, "func", None), "__self__", None) \
+            if isinstance(func, functools.partial) else None
+        if isinstance(owner, CheckFunctionManager):
+            out[id(owner)] = owner
+    return list(out.values())
 
 
 def _live_guard_managers() -> set[int]:
