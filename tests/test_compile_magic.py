@@ -263,3 +263,23 @@ def test_html_lists_recompiles_and_fullgraph_failure(html_mode):
     bundles = outputs(ip, "compile model (2,4) --fullgraph --backend eager")
     html, text = bundles[-1]["text/html"], bundles[-1]["text/plain"]
     assert "Where fullgraph=True fails" in html and "fullgraph=True FAILS at" in text
+
+
+def test_a_cell_without_tensor_work_says_nothing_was_captured(ip):
+    value, shown = run(ip, "compile --backend eager -o rep", "a = 1 + 2\na * 2")
+    assert value == 6 and ip.user_ns["a"] == 3
+    rep = ip.user_ns["rep"]
+    assert rep.graph_count == 0 and "dynamo captured no graph" in rep.notes[-1]
+    assert "everything ran eagerly" in shown
+
+
+def test_public_names_are_lazy_exports():
+    import subprocess
+    import sys
+
+    code = ("import sys, torchmagic; assert 'torch' not in sys.modules; "
+            "from torchmagic import explain_compile, CompileReport; "
+            "print(explain_compile.__module__, CompileReport.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torchmagic.core.compile", "CompileReport"]
