@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["bench_summary.py", "bench_meta.py", "bench_anomaly.py", "bench_gpumem.py",
-           "hf_sweep.py", "bench_estimate.py", "bench_tensors.py"]
+           "hf_sweep.py", "bench_estimate.py", "bench_tensors.py", "bench_compile.py"]
 
 
 def main(names: list[str]) -> int:

@@ -311,8 +311,9 @@ def _resolve(path: str) -> str | None:
 
 
 def _guarded_lines(tree: ast.AST) -> set[int]:
-    """Lines inside a ``try`` that catches AttributeError/ImportError/Exception, or inside an
-    ``if hasattr(...)`` / ``getattr`` test: a missing name there is handled by the code."""
+    """Lines inside a ``try`` that catches AttributeError/ImportError/Exception (and the
+    ``except ImportError/AttributeError`` fallbacks themselves), or inside an ``if hasattr(...)``
+    / ``getattr`` test: a missing name there is handled by the code."""
     lines: set[int] = set()
     for node in ast.walk(tree):
         body: list[ast.stmt] = []
@@ -320,7 +321,12 @@ def _guarded_lines(tree: ast.AST) -> set[int]:
             caught = " ".join(ast.unparse(h.type) for h in node.handlers if h.type is not None)
             if not node.handlers or any(h.type is None for h in node.handlers) or re.search(
                     r"AttributeError|ImportError|Exception|RuntimeError", caught):
-                body = node.body
+                body = list(node.body)
+                # the fallback in ``except ImportError:`` is the path of another torch version
+                for h in node.handlers:
+                    if h.type is not None and re.search(r"AttributeError|ImportError",
+                                                        ast.unparse(h.type)):
+                        body.extend(h.body)
         elif isinstance(node, ast.If) and re.search(r"\b(hasattr|getattr)\(", ast.unparse(node.test)):
             body = node.body
         for stmt in body:

@@ -243,11 +243,15 @@ def test_shortened_paths_keep_what_tells_rows_apart() -> None:
     assert shorten_path("a.b", 10) == "a.b"
 
 
-def _numbers_whole(text: str) -> None:
-    """No number is cut ('…' next to a digit) or split over two lines."""
+def _numbers_whole(text: str, width: int | None = None) -> None:
+    """No number is cut ('…' next to a digit) or split over two lines. With ``width``, only a
+    line that came near the width can have been wrapped (a table row ending in a number above
+    an indented row starting with one is no split)."""
     lines = text.splitlines()
     assert not re.search(r"\d…|…\d", text), text
     for a, b in zip(lines, lines[1:]):
+        if width is not None and len(a) + len(b.split()[0] if b.split() else "") + 1 <= width:
+            continue  # the next word would have fitted on line a: not a wrap
         if b.startswith(" ") and b.strip():  # a continuation line
             split = (re.search(r"\d$", a) and re.match(r"\s*\d", b)) or \
                 (re.search(r"\d,$", a) and re.match(r"\s*\d{3}\b", b))
@@ -460,7 +464,7 @@ def tour_fits(out: str, width: int) -> None:
     shown = [x for x in out.splitlines() if not x.startswith(("In [", "   ...:"))]
     too_long = [x for x in shown if len(x) > width]
     assert not too_long, (width, too_long)
-    _numbers_whole("\n".join(shown))
+    _numbers_whole("\n".join(shown), width)
     assert "layers.0-31 ×32" in out  # the folded 7B blocks of %%meta_shape
 
 

@@ -48,6 +48,8 @@ _API: dict[str, str] = {
     "record_memory_history": "torchmagic.core.memory",
     "estimate_memory": "torchmagic.core.estimate",
     "MemoryEstimate": "torchmagic.core.estimate",
+    "explain_compile": "torchmagic.core.compile",
+    "CompileReport": "torchmagic.core.compile",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torchmagic.core.anomaly import AnomalyDetector, find_anomaly  # noqa: F401
     from torchmagic.core.bench import benchmark, compare_benchmarks  # noqa: F401
     from torchmagic.core.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401
+    from torchmagic.core.compile import CompileReport, explain_compile  # noqa: F401
     from torchmagic.core.device import device_report  # noqa: F401
     from torchmagic.core.errors import ForwardError, TorchMagicError  # noqa: F401
     from torchmagic.core.estimate import MemoryEstimate, estimate_memory  # noqa: F401

@@ -34,13 +34,9 @@ import torch.nn as nn
 from torchmagic.core.errors import ForwardError, TorchMagicError
 from torchmagic.core.estimate import MemoryEstimate, fill_from_trace, judge
 from torchmagic.core.estimate_devices import DEFAULT_RESERVE, parse_bytes, resolve_capacity
-from torchmagic.core.estimate_trace import (
-    PHASES,
-    collect_trace,
-    quiet_fake_tensor_log,
-    tracker_class,
-)
+from torchmagic.core.estimate_trace import PHASES, collect_trace, tracker_class
 from torchmagic.core.estimate_whatif import sharding_alternative
+from torchmagic.core.state import quiet_fake_tensor_log
 
 
 class DataDependentSize(RuntimeError):

@@ -270,22 +270,6 @@ def tracker_class() -> type:
     return StepTracker
 
 
-@contextlib.contextmanager
-def quiet_fake_tensor_log() -> Any:
-    """FakeTensorMode logs every failing meta kernel with its traceback at ERROR level (to the
-    notebook's stderr) before the exception propagates; the estimate reports the failure in one
-    line, so that logger is silenced for the run (its level restored after)."""
-    import logging
-
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 # ---------------------------------------------------------------------------------------------
 # fake twins
 # ---------------------------------------------------------------------------------------------
@@ -611,7 +595,7 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from torchmagic.core.state import preserved_global_state
+    from torchmagic.core.state import preserved_global_state, quiet_fake_tensor_log
     from torchmagic.core.tracing import ModuleTracer, trace_modules
 
     cls = tracker_class()
@@ -722,6 +706,6 @@ def collect_trace(tracker: Any, loss_desc: str, notes: list[str],
 
 __all__ = ["KINDS", "KIND_LABELS", "LOSSES", "PHASES", "OptimizerSpec", "StepSpec", "Trace",
            "apply_checkpointing", "collect_trace", "compute_loss", "fake_inputs", "fake_like", "fake_model",
-           "optimizer_classes", "optimizer_spec", "quiet_fake_tensor_log", "repeated_blocks",
+           "optimizer_classes", "optimizer_spec", "repeated_blocks",
            "trace_step",
            "tracker_class"]

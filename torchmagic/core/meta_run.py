@@ -21,7 +21,7 @@ from torchmagic.core.execution import cell_line_of
 from torchmagic.core.meta_explain import classify, fold_calls, line_text, torch_message
 from torchmagic.core.meta_namespace import NamespaceTwins, assigned_names, build_namespace
 from torchmagic.core.meta_report import MetaShapeReport, describe_value
-from torchmagic.core.state import preserved_global_state
+from torchmagic.core.state import preserved_global_state, quiet_fake_tensor_log
 from torchmagic.core.tracing import (
     ModuleCall,
     ModuleTracer,
@@ -292,7 +292,7 @@ class _Run:
         started = time.perf_counter()
         rep = self.report
         redirect: _Redirect | None = None
-        with preserved_global_state(), warnings.catch_warnings():
+        with preserved_global_state(), warnings.catch_warnings(), quiet_fake_tensor_log():
             # torch.from_numpy on the read-only view of a user's array: harmless here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             new_ns = dict(namespace) if new_ns is None else new_ns

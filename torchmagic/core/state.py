@@ -344,3 +344,20 @@ def set_mode(model: nn.Module, mode: str) -> None:
     flag = mode == "train"
     for m in model.modules():
         m.training = flag
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_log() -> Iterator[None]:
+    """Silence torch's fake-tensor logger for a run: ``FakeTensorMode`` logs every failing meta
+    kernel with its traceback at ERROR level (spilled on the notebook's stderr, and the log
+    record's traceback keeps the frames, hence the user's model, alive) before the exception
+    propagates; torchmagic reports the failure in one line instead. The level is restored."""
+    import logging
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
