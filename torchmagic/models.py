@@ -6,6 +6,8 @@
   shapes (124,439,808 parameters).
 - :class:`Llama`: a Llama-style decoder (RMSNorm, rotary-free GQA attention, SwiGLU MLP, untied head);
   ``Llama.config_7b()`` / ``config_70b()`` give the published sizes; build them on the meta device.
+- :class:`MoE`: a mixture-of-experts MLP (router + top-k experts run with ``torch._grouped_mm``
+  over tokens sorted by expert, as Hugging Face transformers 5 runs them).
 """
 
 from __future__ import annotations
@@ -203,6 +205,32 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+class MoE(nn.Module):
+    """Router + ``n_experts`` SiLU MLP experts (``d_model -> d_ff -> d_model``), each token sent to
+    its ``top_k`` experts: tokens are sorted by expert and every expert's rows run in one
+    ``torch._grouped_mm(x, W[E, in, out], offs=cumulative counts)``. Input ``(tokens, d_model)``.
+    Forward FLOPs: router ``2*T*d*E`` + experts ``2 * 2*T*k*d*ff`` (only routed rows)."""
+
+    def __init__(self, d_model: int = 16, n_experts: int = 4, top_k: int = 2, d_ff: int = 32
+                 ) -> None:
+        super().__init__()
+        self.top_k, self.n_experts = top_k, n_experts
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.w_up = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * d_model ** -0.5)
+        self.w_down = nn.Parameter(torch.randn(n_experts, d_ff, d_model) * d_ff ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.router(x).softmax(-1).topk(self.top_k, dim=-1)
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        token = order // self.top_k
+        counts = (flat[:, None] == torch.arange(self.n_experts, device=x.device)).sum(0)
+        offs = counts.cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(x[token], self.w_up, offs=offs))
+        y = torch._grouped_mm(h, self.w_down, offs=offs)
+        return torch.zeros_like(x).index_add(0, token, y * weights.flatten()[order][:, None])
+
+
 def gpt_forward_flops(cfg: GPTConfig, batch: int, seq: int) -> int:
     """Analytic forward FLOPs (2 per multiply-add; matmuls only, as torch's FLOP counter counts)
     of :class:`GPT`: per layer qkv 3d², proj d², MLP 8d² per token, attention 2·seq²·d per sequence
@@ -213,4 +241,4 @@ def gpt_forward_flops(cfg: GPTConfig, batch: int, seq: int) -> int:
     return batch * (L * (seq * per_token_layer + attn) + seq * 2 * d * V)
 
 
-__all__ = ["SmallCNN", "GPT", "GPTConfig", "Llama", "LlamaConfig", "gpt_forward_flops"]
+__all__ = ["SmallCNN", "GPT", "GPTConfig", "Llama", "LlamaConfig", "MoE", "gpt_forward_flops"]

@@ -158,6 +158,17 @@ class _Block(str):
     """Pre-formatted lines (a table): never re-wrapped."""
 
 
+def _warning_text(message: str) -> str:
+    """A torch warning as one line: its message, without the user stack it may carry (the
+    breaks above say where)."""
+    keep = []
+    for ln in message.splitlines():
+        if ln.strip().startswith(("Graph break: from user code", "File ", "Traceback")):
+            break
+        keep.append(ln.strip())
+    return " ".join(x for x in keep if x)
+
+
 def _wrap(line: str, width: int) -> list[str]:
     if isinstance(line, _Block) or len(line) <= width:
         return line.split("\n") if isinstance(line, _Block) else [line]
@@ -197,7 +208,7 @@ def text(r: Any) -> str:
             out.append(f"  ... {more} more (report.logs[{name!r}] holds them all)")
     if r.warnings:
         out += ["", "torch warned during the compile:"]
-        out += [f"  {w.splitlines()[0]}" for w in r.warnings[:5]]
+        out += [f"  {_warning_text(w)}" for w in r.warnings[:5]]
     out += [f"note: {n}" for n in r.notes]
     return "\n".join(x for line in out for x in (_wrap(line, width) if line else [""]))
 

@@ -260,9 +260,8 @@ def _top_text(top: Any) -> str:
         shared = row[-1]
         if isinstance(shared, Cell) and len(shared.text) > 20:
             row[-1] = Cell(shared.text[:19] + "…", shared.title)
-    t.title = _wrap(t.title or "")
-    t.notes = [_wrap(x) for x in _top_footer(top)]
-    return t.text()
+    t.notes = _top_footer(top)
+    return t.text()  # (Table.text wraps the title and the notes to the width)
 
 
 def _top_html(top: Any) -> str:
