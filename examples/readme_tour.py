@@ -78,13 +78,16 @@ _LOOSE = [
 
 
 def loose(text: str, volatile: bool) -> str:
-    """``text`` with its machine-dependent figures masked; a volatile cell keeps only its first
-    line and the names in its table."""
+    """``text`` with its machine-dependent figures masked; of a volatile cell (timings, memory
+    of this machine: which rows a profile lists varies too) only the first line counts, its
+    numbers masked."""
+    if volatile:
+        text = text.strip().split("\n")[0]
     for pattern, repl in _LOOSE:
         text = pattern.sub(repl, text)
-    text = re.sub(r"[ =-]{2,}", " ", text)   # widths change with the masked figures
     if volatile:
         text = re.sub(r"\d+(\.\d+)?", "<n>", text)
+    text = re.sub(r"[ =-]{2,}", " ", text)   # widths change with the masked figures
     return text.strip()
 
 

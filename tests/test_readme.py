@@ -22,6 +22,11 @@ def test_loose_comparison_masks_only_machine_figures() -> None:
     c = b.replace("172,288", "172,289")
     assert readme_tour.loose(a, False) != readme_tour.loose(c, False)
     assert readme_tour.loose(a, True) == readme_tour.loose(c, True)
+    # a volatile cell (a profile's timings): its first line counts, its numbers masked
+    p1 = "profile of the cell: 12 ops\nmkldnn_convolution  2  853 us"
+    p2 = "profile of the cell: 14 ops\nnative_batch_norm  2  484 us"
+    assert readme_tour.loose(p1, True) == readme_tour.loose(p2, True)
+    assert readme_tour.loose(p1, True) != readme_tour.loose("summary of the cell", True)
 
 
 def test_readme_tour_blocks_equal_a_fresh_tour() -> None:

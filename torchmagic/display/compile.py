@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import textwrap
 from typing import Any
 
 from torchmagic.core.compile_graphs import short_file
 from torchmagic.display.bench import human_time
-from torchmagic.display.format import esc, text_width
+from torchmagic.display.format import esc, text_width, wrap_text
 from torchmagic.display.table import Cell, Table, html_block
 
 LOG_LINES_TEXT = 12     # lines of each captured log shown in text (all are in report.logs)
@@ -172,9 +171,7 @@ def _warning_text(message: str) -> str:
 def _wrap(line: str, width: int) -> list[str]:
     if isinstance(line, _Block) or len(line) <= width:
         return line.split("\n") if isinstance(line, _Block) else [line]
-    indent = line[:len(line) - len(line.lstrip())]
-    return textwrap.wrap(line, width, subsequent_indent=indent + "    ", break_long_words=False,
-                         break_on_hyphens=False) or [line]
+    return wrap_text(line, width, "    ")
 
 
 def text(r: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html as _html
+import re
 
 
 def human_count(n: float | int | None, digits: int = 1) -> str:
@@ -68,16 +69,33 @@ def percent(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.1f}%"
 
 
+_NUMBER = re.compile(r"^[-+(~]?\d[\d.,]*$")
+_UNIT = re.compile(r"^(ns|us|µs|ms|s|B|KiB|MiB|GiB|TiB|PiB|KB|MB|GB|TB|[KMGTP]?FLOPs|[KMGTP]|"
+                   r"ops|calls|params|tensors)[),.;:]*$")
+
+
+def _keep_units(words: list[str]) -> list[str]:
+    """Words with each number joined to the unit after it (one unbreakable word)."""
+    out: list[str] = []
+    for word in words:
+        if out and _UNIT.match(word) and _NUMBER.match(out[-1]):
+            out[-1] = f"{out[-1]} {word}"
+        else:
+            out.append(word)
+    return out
+
+
 def wrap_text(line: str, width: int | None = None, indent: str = "    ") -> list[str]:
     """One line as lines of at most ``width`` columns (default :func:`text_width`), broken at
-    spaces only: a word, a number or a path is never split (a single word longer than the width
-    stays whole on its own line). Continuation lines start with the line's own leading spaces
+    spaces only: a word, a number or a path is never split, nor a number from its unit
+    (``113 ms``, ``1.2 GiB``, ``3.5 MFLOPs``); a single word longer than the width stays whole on
+    its own line. Continuation lines start with the line's own leading spaces
     plus ``indent``. A line that fits is returned unchanged."""
     width = width or text_width()
     if len(line) <= width:
         return [line]
     lead = line[: len(line) - len(line.lstrip(" "))]
-    words = line[len(lead):].split(" ")
+    words = _keep_units(line[len(lead):].split(" "))
     out: list[str] = []
     cur = lead
     fresh = True  # nothing but indentation on the current line yet
