@@ -322,10 +322,15 @@ def test_every_output_survives_save_reopen_reload_and_export(tmp_path: Path) -> 
             assert _api(url, "GET", "/api/kernels") == []
             page.goto(nb_url)
             _wait_outputs(page, n_magic)
+            # the indicator reads "idle" before the new kernel exists: poll the server for it
+            deadline = time.monotonic() + 120
+            new: list[str] = []
+            while time.monotonic() < deadline and not new:
+                new = [k["id"] for k in _api(url, "GET", "/api/kernels")]
+                time.sleep(0.5)
+            assert new and not set(new) & set(old), "a new kernel"
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
                                    timeout=120_000)
-            new = [k["id"] for k in _api(url, "GET", "/api/kernels")]
-            assert new and not set(new) & set(old), "a new kernel"
             _check_outputs(page, sources, "reopened with a new kernel")
             assert cnn_params in page.inner_text(".jp-NotebookPanel:not(.lm-mod-hidden)")
 
