@@ -230,3 +230,18 @@ def test_no_parameter_or_fake_tensor_outlives_the_run():
     explain_compile("y = model(x)\nz = y.sin()", namespace=ns, backend="eager")
     del ns
     assert fakes() == before
+
+
+def test_fake_tensor_mode_class_is_put_back():
+    """The sandbox notes the fake modes it makes by wrapping ``FakeTensorMode.__init__`` while it
+    is open: afterwards torch's own method is back, after a success and after a failing forward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    original = FakeTensorMode.__dict__["__init__"]
+    explain_compile(Net(), torch.randn(3, 4), backend="eager")
+    assert FakeTensorMode.__dict__["__init__"] is original
+    with pytest.raises(ForwardError):
+        explain_compile(Net(), torch.randn(3, 5), backend="eager")
+    assert FakeTensorMode.__dict__["__init__"] is original
+    with FakeTensorMode() as mode:  # still a working class
+        assert mode.from_tensor(torch.ones(2)).shape == (2,)

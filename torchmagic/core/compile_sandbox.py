@@ -22,8 +22,10 @@ call. :class:`DynamoSandbox` does what ``explain`` needs without that:
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import types
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +56,8 @@ class DynamoSandbox:
         self.keep: set[str] = set()  # names the caller's own code binds (a cell's assignments)
         self.invalidated = 0  # entries invalidated in code objects the user also compiled
         self.kept = 0  # entries this torch gave no way to invalidate
+        self._modes: weakref.WeakSet[Any] = weakref.WeakSet()  # fake modes made inside
+        self._mode_init: Any = None
 
     # -- entering ----------------------------------------------------------------------------------
     def __enter__(self) -> DynamoSandbox:
@@ -77,7 +81,25 @@ class DynamoSandbox:
             s["dup_checker"] = copy.copy(checker.set)
             checker.reset()  # our graph-break log lines are not hidden by the user's earlier ones
         s["cached_backends"] = set(getattr(eval_frame, "cached_backends", {}))
+        self._watch_fake_modes()
         return self
+
+    def _watch_fake_modes(self) -> None:
+        """Note every ``FakeTensorMode`` made while the sandbox is open (dynamo makes one per
+        compile attempt), so that leaving needs no scan of the garbage collector's objects
+        (~0.1 s in a large session); ``FakeTensorMode.__init__`` is put back on exit."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        original = FakeTensorMode.__dict__["__init__"]
+        modes = self._modes
+
+        @functools.wraps(original)
+        def init(mode: Any, *args: Any, **kwargs: Any) -> None:
+            original(mode, *args, **kwargs)
+            modes.add(mode)
+
+        self._mode_init = original
+        FakeTensorMode.__init__ = init  # type: ignore[method-assign]
 
     def watch_scope(self, scope: dict[str, Any]) -> None:
         """Remember the names in ``scope`` (globals of code about to be compiled): on exit, the
@@ -129,8 +151,7 @@ class DynamoSandbox:
           objects alive (our copy of the model, hence the user's parameters). Its guards are
           replaced by a deleted marker and its finalizers detached. Guard managers of live cache
           entries (the user's compiled code) are not touched;
-        - fake modes (one scan of the garbage collector's objects, ~0.1 s in a large session):
-          ``tracked_fakes`` is emptied; it only serves the compile that made the mode, which
+        - the fake modes made inside the sandbox: ``tracked_fakes`` is emptied; it only serves the compile that made the mode, which
           is over. Under grad mode a fake tensor's autograd graph (C++, invisible to the garbage
           collector) links fakes that hold their mode, whose ``tracked_fakes`` holds them
           (``torch._dynamo.explain`` and ``reset()`` leave them alive)."""
@@ -142,7 +163,7 @@ class DynamoSandbox:
                 and id(getattr(c, "guard_manager", None)) not in live]
         if cfms:
             _retire(cfms)
-        for mode in _fake_modes():
+        for mode in list(self._modes):
             tracked = getattr(getattr(mode, "shape_env", None), "tracked_fakes", None)
             if isinstance(tracked, list):
                 tracked.clear()
@@ -218,6 +239,11 @@ class DynamoSandbox:
         import torch._dynamo.eval_frame as eval_frame
         import torch._dynamo.utils as dutils
 
+        if self._mode_init is not None:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            FakeTensorMode.__init__ = self._mode_init  # type: ignore[method-assign]
+            self._mode_init = None
         s = self._saved
         for module, values in self._configs:
             current = module.get_config_copy()
@@ -262,16 +288,6 @@ def _unwrap(backend: Any) -> Any:
             return backend
         backend = inner
     return backend
-
-
-def _fake_modes() -> list[Any]:
-    """Every live ``FakeTensorMode`` (type(), not isinstance: the garbage collector's list also
-    holds dead weak proxies)."""
-    import gc
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    return [o for o in gc.get_objects() if issubclass(type(o), FakeTensorMode)]
 
 
 def _finalized_cfms() -> list[Any]:
