@@ -190,6 +190,7 @@ def test_plain_python_and_renderers():
     assert view.widget(r).value == view.html(r)
     assert all(len(line) <= 100 for line in str(r).splitlines())
     assert view.human_time(0.01003) == "10.0 ms" and view.human_time(2.5e-6) == "2.50 us"
+    assert view.human_time(0.0009999) == "1.00 ms" and view.human_time(9.996e-7) == "1.00 us"
 
 
 def test_user_exception_and_bad_output_through_run_cell(ip):

@@ -9,10 +9,11 @@ from torchmagic.display.table import Cell, Table, html_block
 
 
 def human_time(seconds: float | None, digits: int = 3) -> str:
-    """``0.01003 -> '10.03 ms'``, ``2.5e-06 -> '2.50 us'`` (about ``digits`` significant digits)."""
+    """``0.01003 -> '10.0 ms'``, ``2.5e-06 -> '2.50 us'``, ``0.0009999 -> '1.00 ms'`` (about
+    ``digits`` significant digits; the unit is chosen after rounding, so never ``'1000 us'``)."""
     if seconds is None or seconds != seconds:
         return "-"
-    s = abs(seconds)
+    s = float(f"{abs(seconds):.{digits}g}")
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
         if s >= scale or unit == "ns":
             v = seconds / scale
