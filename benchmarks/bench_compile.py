@@ -7,7 +7,9 @@ compiled table of a GPT-style decoder on CPU (what ``--bench`` measures).
 2. ``explain_compile(model, ids, bench=True)`` with inductor, under ``torch.no_grad()`` (inference),
    for each ``--sizes`` entry: eager and compiled medians (``torch.utils.benchmark``, same thread
    count, after warm-up), speed-up, the first compiled call (compile + run) and the calls needed
-   to repay it. Printed as the markdown table the README shows. ``--no-inductor`` skips it (each
+   to repay it. Printed as the markdown table the README shows. Inductor compiles into a fresh,
+   empty cache directory (``TORCHINDUCTOR_CACHE_DIR``), so the first call is what a user's first
+   compile costs; ``--warm-cache`` keeps the machine's cache (what a rerun in a new kernel costs). ``--no-inductor`` skips it (each
    size compiles for 20-60 s on a small CPU machine).
 
     .venv/bin/python benchmarks/bench_compile.py [--repeat 5] [--threads 1] [--no-inductor]
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -102,7 +106,12 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(SIZES),
                     help=f"comma-separated, among {', '.join(SIZES)}")
     ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="keep inductor's on-disk cache (default: a fresh empty one)")
     a = ap.parse_args()
+    if not a.warm_cache:
+        cold = tempfile.TemporaryDirectory(prefix="inductor-cold-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold.name  # read when inductor first compiles
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     explain_overhead(a.repeat)

@@ -8,7 +8,8 @@
    fresh subprocess: wall time of the magic (goal <= 3 s) and the process's peak RSS (goal <= 500 MB;
    the RSS right after ``import torch`` is printed for scale);
 3. ``%load_ext torchmagic`` cost beyond ``import torch`` (torch and IPython already imported), median
-   over fresh subprocesses (goal <= 30 ms).
+   over fresh subprocesses with bytecode cached, as in a user's kernel after the first load
+   (goal <= 30 ms).
 
 Run: ``.venv/bin/python benchmarks/bench_summary.py [--repeat N]``.
 """
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 META_70B = r"""
@@ -71,9 +74,20 @@ print(json.dumps({"load": time.perf_counter() - t0}))
 """
 
 
-def _subprocess(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+def _subprocess(code: str, env: dict[str, str] | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cached_bytecode_env(prefix: str) -> dict[str, str]:
+    """The environment a user's kernel has: bytecode written and reused (``.pyc`` files), kept
+    under ``prefix`` so the checkout is untouched. Without it (``PYTHONDONTWRITEBYTECODE=1``, as
+    on some CI machines) every run compiles torchmagic's sources, which is not what loading costs."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = prefix
+    return env
 
 
 def bench_vs_torchinfo(repeat: int) -> dict:
@@ -127,7 +141,10 @@ def main() -> None:
 
     # Subprocesses first, while this process is small.
     r2 = _subprocess(META_70B)
-    loads = [_subprocess(LOAD_EXT)["load"] for _ in range(max(3, opts.repeat))]
+    with tempfile.TemporaryDirectory() as pyc:
+        env = _cached_bytecode_env(pyc)
+        _subprocess(LOAD_EXT, env)  # writes the bytecode, as a user's first load ever does
+        loads = [_subprocess(LOAD_EXT, env)["load"] for _ in range(max(3, opts.repeat))]
     r1 = bench_vs_torchinfo(opts.repeat)
     load = statistics.median(loads)
 
@@ -146,7 +163,7 @@ def main() -> None:
         ("%summary --meta, 70B Llama-like: peak RSS",
          f"{r2['peak_rss'] / mb:.0f} MB (import torch: {r2['rss_torch'] / mb:.0f} MB)",
          "<= 500 MB", r2["peak_rss"] / mb <= 500),
-        ("%load_ext torchmagic beyond import torch", f"{load * 1e3:.1f} ms", "<= 30 ms",
+        ("%load_ext torchmagic beyond import torch (.pyc cached)", f"{load * 1e3:.1f} ms", "<= 30 ms",
          load <= 0.030),
     ]
     w0 = max(len(r[0]) for r in rows)
