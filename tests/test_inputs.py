@@ -310,3 +310,29 @@ def test_cuda_inputs_too_big_for_free_gpu_memory() -> None:
         summary(nn.Identity(), input_size=(side, side), device="cuda")
     assert info.value.device.startswith("cuda") and "meta=True" in str(info.value)
     assert torch.cuda.memory_allocated() == before  # nothing was made
+
+
+@pytest.mark.parametrize("magic, tail", [
+    ("summary", "-o r"), ("estimate", "--train --no-what-if -o r"),
+    ("compile", "--backend eager -o r"),
+])
+def test_options_before_between_and_after_the_inputs(ip, magic: str, tail: str) -> None:
+    """``%summary m --meta (2,4)`` reads as ``%summary m (2,4) --meta``: options may come
+    anywhere among MODEL and INPUTS, for every magic that takes inputs."""
+    ip.user_ns.update(lin=nn.Linear(4, 2))
+    seen = []
+    for line in (f"{magic} lin (3,4) {tail}", f"{magic} lin {tail} (3,4)",
+                 f"{magic} {tail} lin (3,4)"):
+        ip.user_ns.pop("r", None)
+        run(ip, line)
+        r = ip.user_ns["r"]
+        if magic == "summary":
+            seen.append(repr(r.input_shapes))
+        elif magic == "estimate":
+            seen.append(f"{r.settings['inputs']} {r.peak_bytes}")
+        else:  # the compile report keeps no input shapes: the graph it traced
+            seen.append(f"{r.graph_count} graph, {r.graphs[0].op_names} (3, 4)")
+    assert len(set(seen)) == 1 and "3, 4" in seen[0], seen
+    with pytest.raises(UsageError) as info:  # still refused: an unknown flag among the inputs
+        run(ip, f"{magic} lin --bogus (3,4)")
+    assert "unrecognized arguments: --bogus" in str(info.value)

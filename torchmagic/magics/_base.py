@@ -105,7 +105,7 @@ def parse(magic_func: Any, line: str) -> Any:
     cell_only = parser.prog in table.get("cell", {}) and parser.prog not in table.get("line", {})
     name = ("%%" if cell_only else "%") + parser.prog
     try:
-        return parser.parse_args(tokens)
+        return _parse_intermixed(parser, tokens)
     except SystemExit as exc:  # -h/--help printed the usage; nothing more to do
         raise UsageError(f"{name}: see the usage above") from exc
     except UsageError as exc:  # argparse's own message: name the magic and show the usage
@@ -113,6 +113,16 @@ def parse(magic_func: Any, line: str) -> Any:
         usage = one_line(parser.format_usage()).removeprefix("usage:").strip().removeprefix("::")
         usage = usage.strip().replace("%" + parser.prog, name, 1)
         raise UsageError(f"{name}: {one_line(str(exc))} (usage: {usage})") from None
+
+
+def _parse_intermixed(parser: Any, tokens: list[str]) -> Any:
+    """Options before, between or after the positionals (``%summary m --meta (2,4)`` and
+    ``%summary m (2,4) --meta`` alike): argparse's ``parse_intermixed_args``; parsers it cannot
+    take (a ``REMAINDER`` positional) parse as before."""
+    try:
+        return parser.parse_intermixed_args(tokens)
+    except TypeError:
+        return parser.parse_args(tokens)
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class SummaryMagics(TorchMagics):
         (every element positional: ``(feats,)`` passes a dict as one argument); a dict or a
         tokenizer's ``BatchEncoding`` is keyword arguments (``model(**batch)``); ``name=EXPR``
         adds a keyword argument, also beside shapes (``(1,3,224,224) return_dict=False``).
-        ``--args EXPR`` / ``--kwargs EXPR`` give them explicitly. Write options after INPUTS.
+        ``--args EXPR`` / ``--kwargs EXPR`` give them explicitly. Options go anywhere on the line.
 
         The model is never changed: the forward runs on a twin (flags, buffers, Python
         attributes, hooks, RNG and global torch state are the same afterwards; lazy modules stay
