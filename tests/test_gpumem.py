@@ -261,6 +261,19 @@ def test_top_skips_meta():
     assert all(e.name != "m" for e in top.entries) and top.skipped_meta >= 1
 
 
+def test_top_skips_empty_storages():
+    """0-byte tensors (the user's, and those torch keeps alive after a compile) hold no memory:
+    not listed, not counted among the live storages, counted in the footer."""
+    empty = [torch.empty(0) for _ in range(12)]
+    full = torch.ones(1000)
+    top = core.top_tensors({"empty": empty, "full": full}, n=50)
+    names = [e.name for e in top.entries]
+    assert "full" in names and not any(n.startswith("empty") for n in names)
+    assert all(e.bytes > 0 for e in top.entries) and top.skipped_empty >= 12
+    assert f"{top.skipped_empty} empty tensors skipped (0 bytes)" in str(top)
+    assert f"{top.skipped_empty} empty tensors skipped (0 bytes)" in top._repr_html_()
+
+
 # -- no CUDA: every option, no traceback -----------------------------------------------------
 @no_cuda
 @pytest.mark.parametrize("line, expect", [

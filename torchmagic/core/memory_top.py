@@ -58,6 +58,7 @@ class TopTensors(Result):
     n: int
     skipped_meta: int = 0
     notes: list[str] = field(default_factory=list)
+    skipped_empty: int = 0  # tensors whose storage holds 0 bytes (torch keeps some of its own)
 
 
 def _names_from(namespace: Mapping[str, Any]) -> dict[int, list[tuple[str, str]]]:
@@ -123,7 +124,8 @@ def top_tensors(namespace: Mapping[str, Any] | None = None, n: int = 10,
     """The ``n`` largest live storages (gc scan of tensors, parameters and their ``.grad``),
     grouped by device, named from ``namespace`` (e.g. ``globals()`` or IPython's ``user_ns``)
     where a name can be found. Views of one storage are counted once (keyed on the storage's data
-    pointer); meta tensors hold no memory and are skipped.
+    pointer); meta/fake tensors and storages of 0 bytes hold no memory and are skipped (counted in
+    ``skipped_meta`` / ``skipped_empty``).
     """
     if not isinstance(n, int) or n < 1:
         raise TorchMagicError(f"--top needs a positive number of tensors; got {n!r}")
@@ -139,7 +141,7 @@ def top_tensors(namespace: Mapping[str, Any] | None = None, n: int = 10,
             if t.is_leaf and t.requires_grad and t.grad is not None:
                 found.setdefault(id(t.grad), t.grad)
     groups: dict[Any, dict[str, Any]] = {}
-    skipped_meta = 0
+    skipped_meta = skipped_empty = 0
     for t in found.values():
         try:
             what = access.kind(t)
@@ -152,6 +154,9 @@ def top_tensors(namespace: Mapping[str, Any] | None = None, n: int = 10,
         if chosen is not None and dev != chosen and not (chosen == "mps" and dev.startswith("mps")):
             continue
         key, nbytes, own = _storage_key(t)
+        if nbytes == 0:  # holds no memory (also the empty tensors torch itself keeps alive)
+            skipped_empty += 1
+            continue
         g = groups.setdefault(key, {"device": dev, "bytes": nbytes, "tensors": []})
         g["tensors"].append((t, own))
     del found
@@ -200,7 +205,7 @@ def top_tensors(namespace: Mapping[str, Any] | None = None, n: int = 10,
         notes.append(f"{len(rest)} smaller storages not listed "
                      f"({sum(e.bytes for e in rest):,} bytes)")
     return TopTensors(top, sorted(totals.values(), key=lambda t: _device_order(t.device)), n,
-                      skipped_meta, notes)
+                      skipped_meta, notes, skipped_empty)
 
 
 def _device_order(dev: str) -> tuple[int, str]:

@@ -248,6 +248,8 @@ def _top_footer(top: Any) -> list[str]:
         out.append(line)
     if top.skipped_meta:
         out.append(f"{top.skipped_meta} meta/fake tensors skipped (they hold no memory)")
+    if getattr(top, "skipped_empty", 0):
+        out.append(f"{top.skipped_empty} empty tensors skipped (0 bytes)")
     return out + list(top.notes)
 
 
