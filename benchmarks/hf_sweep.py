@@ -207,7 +207,6 @@ class Arch:
     real: dict[str, Any]
     inputs: Callable[[Any, bool], dict[str, Any]]
     flops: Callable[[Any, dict[str, Any]], int]
-    meta_dtype: torch.dtype = torch.float32
     real_name: str = ""
     meta_limit: str | None = None  # why the real-size build cannot run on meta (shown, not a miss)
 
@@ -266,7 +265,7 @@ ARCHS: list[Arch] = [
               num_experts_per_tok=2),
          _dec(), lambda c, i: llama_like(c, _seq(i), experts=(
              c.num_local_experts, c.num_experts_per_tok, c.intermediate_size)),
-         meta_dtype=torch.bfloat16, real_name="Mixtral-8x7B"),
+         real_name="Mixtral-8x7B"),
     Arch("Qwen3-MoE", "MoE decoder", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
          {**_LLAMA_SMALL, "head_dim": 16, "moe_intermediate_size": 32, "num_experts": 8,
           "num_experts_per_tok": 2},
@@ -276,7 +275,7 @@ ARCHS: list[Arch] = [
               tie_word_embeddings=False),
          _dec(), lambda c, i: llama_like(c, _seq(i), experts=(
              c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size)),
-         meta_dtype=torch.bfloat16, real_name="Qwen3-30B-A3B"),
+         real_name="Qwen3-30B-A3B"),
     Arch("Mamba", "state-space", "MambaConfig", "MambaForCausalLM",
          dict(vocab_size=128, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2),
          dict(vocab_size=50280, hidden_size=2560, state_size=16, num_hidden_layers=64, expand=2),
@@ -402,7 +401,7 @@ def build(arch: Arch, small: bool) -> tuple[Any, Any]:
         return cfg, cls(cfg).eval()
     with torch.device("meta"):
         model = cls(cfg)
-    return cfg, model.to(arch.meta_dtype).eval()
+    return cfg, model.eval()
 
 
 def run_arch(arch: Arch, small: bool) -> Result:

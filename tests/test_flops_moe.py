@@ -66,7 +66,7 @@ def test_grouped_mm_moe_counts_routed_tokens() -> None:
 def test_grouped_mm_moe_on_meta_counts_the_rows_given() -> None:
     """On meta the offsets have no values: every row given is counted (exact without padding)."""
     router, experts = hand_count()
-    m = GroupedMoE().to(torch.bfloat16)  # the meta kernel of _grouped_mm wants bfloat16
+    m = GroupedMoE().to(torch.bfloat16)  # what the meta kernel of _grouped_mm accepts
     s = summary(m, input_size=(T, D), meta=True)
     assert s.total_flops == router + experts
 
@@ -165,3 +165,48 @@ def test_grouped_mm_moe_on_cuda_bf16() -> None:
     m = GroupedMoE(pad=6).to(torch.bfloat16)
     s = summary(m, input_size=(T, D), device="cuda")
     assert s.total_flops == router + experts and not s.uncounted
+
+
+def test_grouped_mm_moe_in_float32_on_meta_and_fake() -> None:
+    """The meta kernel of ``_grouped_mm`` accepts only bfloat16 while the CPU kernel multiplies
+    float32: a float32 MoE (transformers' default dtype) still runs on meta and on fake tensors,
+    with the same FLOPs and the dtype the real kernel gives."""
+    from torchmagic.core.meta_gaps import MetaKernelGaps
+
+    router, experts = hand_count()
+    m = GroupedMoE()  # float32
+    assert summary(m, input_size=(T, D), meta=True).total_flops == router + experts
+    real = m(torch.randn(T, D))
+    for device in ("meta", "fake"):
+        x = torch.randn(T, D, device="meta") if device == "meta" else None
+        if device == "fake":
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            mode = FakeTensorMode(allow_non_fake_inputs=False)
+            with mode:
+                x = torch.randn(T, D)
+                twin = GroupedMoE()
+            ctx = mode
+        else:
+            twin = GroupedMoE().to("meta")
+            ctx = torch.device("meta")
+        with ctx:
+            with pytest.raises(RuntimeError, match="BF16"):  # torch's own meta kernel
+                twin(x)
+            with MetaKernelGaps() as gaps:
+                out = twin(x)
+        assert (out.shape, out.dtype) == (real.shape, real.dtype) and gaps.filled == 2, device
+
+
+def test_float32_moe_estimate_equals_memtracker_on_real_tensors() -> None:
+    """The estimate traces the float32 experts on fake tensors (the gap filled): its peak is the
+    one torch's MemTracker measures for the same training step on real CPU tensors."""
+    from estimate_helpers import mean_loss, real_peak
+
+    import torchmagic
+
+    m = GroupedMoE()
+    x = torch.randn(T, D)
+    est = torchmagic.estimate_memory(m, x, train=True, trace_device="cpu")
+    ref = real_peak(m, (x,), {}, True, mean_loss)
+    assert est.peak_bytes == ref["total"]

@@ -595,6 +595,7 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from torchmagic.core.meta_gaps import MetaKernelGaps
     from torchmagic.core.state import preserved_global_state, quiet_fake_tensor_log
     from torchmagic.core.tracing import ModuleTracer, trace_modules
 
@@ -630,7 +631,7 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
             else contextlib.nullcontext()
         loss_desc = ""
         try:
-            with mode, tracker, trace_modules(mtracer):
+            with mode, MetaKernelGaps(), tracker, trace_modules(mtracer):
                 tracker.sample()
                 tracker.label = "forward"
                 with torch.set_grad_enabled(spec.train):

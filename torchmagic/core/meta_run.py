@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 from torchmagic.core.errors import ForwardError, TorchMagicError
 from torchmagic.core.execution import cell_line_of
 from torchmagic.core.meta_explain import classify, fold_calls, line_text, torch_message
+from torchmagic.core.meta_gaps import MetaKernelGaps
 from torchmagic.core.meta_namespace import NamespaceTwins, assigned_names, build_namespace
 from torchmagic.core.meta_report import MetaShapeReport, describe_value
 from torchmagic.core.state import preserved_global_state, quiet_fake_tensor_log
@@ -349,6 +350,7 @@ class _Run:
         # call to meta, and torch's DeviceContext nests badly with a user's set_default_device
         # (its exit asserts "Found nested DeviceContext" when the cell calls set_default_device).
         stack.enter_context(redirect)
+        stack.enter_context(MetaKernelGaps())  # meta kernels stricter than the real ones
         return _SafeExit(stack)
 
 

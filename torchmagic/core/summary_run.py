@@ -93,6 +93,7 @@ def run_forward(plan: Plan, user_model: nn.Module, mode: str, args: tuple[Any, .
     The user's exception is kept in ``Run.error``; KeyboardInterrupt propagates. Global torch
     state and the user's training flags are restored on every exit."""
     from torchmagic.core.flops import flop_counter
+    from torchmagic.core.meta_gaps import MetaKernelGaps
     from torchmagic.core.state import preserved_global_state, preserved_training_flags, set_mode
     from torchmagic.core.tracing import ModuleTracer, trace_modules
 
@@ -112,7 +113,8 @@ def run_forward(plan: Plan, user_model: nn.Module, mode: str, args: tuple[Any, .
                 mha.set_fastpath_enabled(False)
             set_mode(run_model, mode)
             if plan.is_twin:
-                with tracer.watch_kwargs(run_model), trace_modules(tracer), counter:
+                with tracer.watch_kwargs(run_model), trace_modules(tracer), MetaKernelGaps(), \
+                        counter:
                     run_model(*args, **kwargs)
             else:
                 from torch.func import functional_call
