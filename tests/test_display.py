@@ -477,3 +477,19 @@ def test_terminal_tour_fits_80_columns() -> None:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
     tour_fits(proc.stdout, 80)
+
+
+def test_shape_lists_are_cut_between_whole_shapes() -> None:
+    from torchmagic.display.format import clip_items
+    from torchmagic.display.table import Table
+
+    shapes = "(2, 16, 64), (2, 1, 16, 16), (1, 16, 16), (1, 16, 16), (1, 16)"
+    assert clip_items(shapes, 100) == shapes
+    assert clip_items(shapes, 31) == "(2, 16, 64), (2, 1, 16, 16), +3"  # 31 characters
+    assert clip_items(shapes, 30) == "(2, 16, 64), +4"
+    assert clip_items(shapes, 20) == "(2, 16, 64), +4"
+    assert clip_items("(2, 16, 64, 128, 256)", 10) == "(2, 16, 6…"  # one shape: cut at the end
+    t = Table(headers=["module", "input"], rows=[["layers.0", shapes]], fixed=[1])
+    assert max(len(line) for line in t.text(40).splitlines()) <= 40
+    assert "(2, 16, 64), +4" in t.text(40) or "(2, 16, 64), (2, 1, 16, 16), +3" in t.text(40)
+    assert shapes in t.text(100)  # cut only when nothing else fits

@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run
-from IPython.core.error import UsageError
 from statecheck import Snapshot
 
-from torchmagic.core.errors import ForwardError
 from torchmagic.core.summary import summary
 
 transformers = pytest.importorskip("transformers")
@@ -68,20 +66,23 @@ def test_model_output_and_submodule_keyword_inputs() -> None:
     assert "hidden_states" in attn.input_kwargs and "position_embeddings" in attn.input_kwargs
 
 
-def test_meta_llama_with_attention_mask_says_what_happened(ip) -> None:
+def test_meta_llama_with_attention_mask_runs_on_fake_tensors(ip) -> None:
+    """transformers reads the mask's values (is it all ones?): meta tensors have none, so the
+    forward is run again on fake tensors, with the FLOPs of the analytic count."""
     cfg = transformers.LlamaConfig(**hf_sweep._LLAMA_SMALL)
     with torch.device("meta"):
         m = transformers.LlamaForCausalLM(cfg)
-    ids = torch.zeros(1, 8, dtype=torch.long)
-    with pytest.raises(ForwardError) as info:
-        summary(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    msg = str(info.value)
-    assert "the model is on the meta device (no weights)" in msg
-    assert "leave out attention_mask" in msg and "fake=True" in msg
-    assert "run without" not in msg and "--meta" not in msg  # no --meta given, no weights to run
-    assert summary(m, {"input_ids": ids}).output_shapes[0] == (1, 8, 128)  # what works
-    ip.user_ns.update(llama=m, ids=ids, mask=torch.ones_like(ids))
-    with pytest.raises(UsageError) as info:
-        run(ip, "summary llama ids attention_mask=mask")
-    msg = str(info.value)
-    assert "%%meta_shape --fake" in msg and "leave out attention_mask" in msg and "\n" not in msg
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    s = summary(m, batch)
+    assert s.error is None and s.output_shapes[0] == (2, 8, cfg.vocab_size)
+    assert s.total_flops == hf_sweep.llama_like(cfg, 8) * 2  # batch of 2
+    assert any("fake twin" in n for n in s.notes) and s.device == "fake tensors (cpu)"
+    real = small_llama()  # the same forward on real weights counts the same
+    assert summary(real, batch).total_flops == s.total_flops
+    ip.user_ns.update(llama=m, batch=batch)
+    run(ip, "summary llama batch --meta -o r")
+    assert ip.user_ns["r"].total_flops == s.total_flops
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    assert all(p.is_meta and not isinstance(p, FakeTensor) for p in m.parameters())

@@ -196,19 +196,31 @@ def test_shape_bug_in_sequential_names_line_module_op(ip):
     _assert_ns_same(ip.user_ns, rec)
 
 
-@pytest.mark.parametrize("cell, words", [
-    ("x = torch.randn(4)\nn = x.sum().item()", ["line 2 (n = x.sum().item())", ".item()"]),
-    ("x = torch.randn(4)\nif x.sum() > 0:\n    y = 1", ["line 2", "if/while on a tensor"]),
-    ("x = torch.randn(4)\nv = x.tolist()", ["line 2", ".tolist()"]),
-    ("x = torch.randn(4)\ny = x[x > 0]", ["line 2", "boolean-mask indexing"]),
-    ("x = torch.randn(4)\ni = torch.nonzero(x)", ["line 2", "nonzero"]),
-    ("x = torch.randn(4)\nu = torch.unique(x)", ["line 2", "unique"]),
+@pytest.mark.parametrize("cell, name, shape", [
+    ("x = torch.randn(4)\nn = x.sum().item()", "n", None),  # a SymFloat
+    ("x = torch.randn(4)\nv = x.tolist()", "v", None),
+    ("x = torch.randn(4)\ny = x[x > 0]", "y", "(u0,)"),
+    ("x = torch.randn(4)\ni = torch.nonzero(x)", "i", "(u0, 1)"),
+    ("x = torch.randn(4)\nu = torch.unique(x)", "u", "(u0,)"),
 ])
-def test_data_dependent_code_says_why_and_suggests_fake(ip, cell, words):
+def test_data_dependent_code_continues_on_fake_tensors(ip, cell, name, shape):
+    """meta tensors have no values: the cell runs again on fake tensors, says where the meta run
+    stopped, and data-dependent sizes are symbols."""
     snap = Snapshot.take()
-    msg = _user_error(ip, "meta_shape", cell)
+    run(ip, "meta_shape -o rep", cell)
+    rep = ip.user_ns.pop("rep")
     snap.assert_unchanged()
-    for w in [*words, "no values", "--fake"]:
+    assert rep.mode == "fake" and rep.error is None
+    assert rep.notes[0].startswith("the meta run stopped at line 2: it reads tensor values")
+    if shape is not None:
+        assert str(rep.value(name).shape) == shape, rep.value(name)
+
+
+def test_branch_on_a_value_says_why(ip):
+    snap = Snapshot.take()
+    msg = _user_error(ip, "meta_shape", "x = torch.randn(4)\nif x.sum() > 0:\n    y = 1")
+    snap.assert_unchanged()
+    for w in ["line 2", "branches on", "real data", "torch._check"]:
         assert w in msg, (w, msg)
 
 
@@ -439,9 +451,11 @@ def test_plain_python_string_and_function():
     with pytest.raises(ForwardError) as info:
         torchmagic.meta_shape("y = cnn(torch.randn(1, 4, 32, 32))", {"cnn": cnn, "torch": torch})
     assert info.value.partial is not None and info.value.module_path == "cnn.features.0"
-    # in plain Python the hint names the keyword argument, not the magic's --fake flag
-    with pytest.raises(ForwardError, match=r"fake=True") as info:
-        torchmagic.meta_shape("x = torch.randn(3)\nn = x.sum().item()", {"torch": torch})
+    # a value read continues on fake tensors; a branch on it stops, named without magic flags
+    rep = torchmagic.meta_shape("x = torch.randn(3)\nn = x.sum().item()", {"torch": torch})
+    assert rep.mode == "fake" and rep.value("n").type == "SymFloat"
+    with pytest.raises(ForwardError, match=r"torch\._check") as info:
+        torchmagic.meta_shape("x = torch.randn(3)\nif x.sum() > 0:\n    y = 1", {"torch": torch})
     assert "--fake" not in str(info.value)
     snap.assert_unchanged()
     assert_released(SmallCNN, lambda m: torchmagic.meta_shape(
@@ -576,5 +590,25 @@ def test_line_magics_in_the_cell_write_nothing_back(ip):
     assert any("were undone" in n and "q" in n for n in rep.notes)
     # the same guard holds when the cell stops at an error
     with pytest.raises(UsageError):
-        run(ip, "meta_shape", "%timeit -n1 -r1 torch.zeros(3)\nr = 1\nn = torch.randn(2).sum().item()")
+        run(ip, "meta_shape", "%timeit -n1 -r1 torch.zeros(3)\nr = 1\n"
+                              "if torch.randn(2).sum() > 0:\n    r = 2")
     _assert_ns_same(ip.user_ns, rec)
+
+
+def test_meta_run_that_reads_values_continues_on_fake_tensors() -> None:
+    """Boolean-mask selection has no meta kernel (its size comes from the values): the cell runs
+    again on fake tensors, where the size is a symbol, and says so; a Python branch on a value
+    stops the fake run too, with the explanation of the branch."""
+    lin, x = nn.Linear(4, 3), torch.randn(5, 4)
+    mask = torch.tensor([True, False, True, True, False])
+    ns = {"lin": lin, "x": x, "mask": mask}
+    snap = Snapshot.take(lin)
+    r = torchmagic.meta_shape("y = lin(x[mask])\nz = y.sum()", ns)
+    snap.assert_unchanged()
+    assert r.mode == "fake" and "ran again on fake tensors" in r.notes[0]
+    assert [(v.name, str(v.shape)) for v in r.values] == [("y", "(u0, 3)"), ("z", "()")]
+    assert set(ns) == {"lin", "x", "mask"}  # nothing written back
+    with pytest.raises(ForwardError) as info:
+        torchmagic.meta_shape("y = lin(x) if mask.all() else lin(x) * 2", ns)
+    assert "branches on" in str(info.value) and "torch._check" in str(info.value)
+    assert "stopped at the branch below" in info.value.partial.notes[0]

@@ -869,3 +869,48 @@ def test_snapshot_is_bitwise_and_assert_released_notices_a_cache() -> None:
     cache: list = []
     with pytest.raises(AssertionError, match="kept a reference"):
         assert_released(SmallCNN, cache.append)
+
+
+class _Select(nn.Module):
+    """Keeps the rows a boolean mask selects: the output size comes from the mask's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.lin(x[mask])
+
+
+class _Branch(_Select):
+    """Branches on a value: no symbolic value decides an ``if``."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) if mask.all() else self.lin(x) * 2
+
+
+def test_meta_forward_that_reads_values_runs_on_fake_tensors() -> None:
+    """meta tensors have no values: a forward that selects rows by a mask is run again on fake
+    tensors, where the row count is a symbol (u0) and the Linear's FLOPs are marked as
+    depending on the data, never a silent 0; the user's model and inputs are untouched."""
+    torch.manual_seed(0)
+    model, x = _Select(), torch.randn(5, 4)
+    mask = torch.tensor([True, False, True, True, False])
+    snap = Snapshot.take(model)
+    s = summary(model, x, mask, meta=True)
+    snap.assert_unchanged()
+    assert s.error is None and str(s.output_shapes[0]) == "(u0, 3)"
+    assert any("fake twin" in n for n in s.notes)
+    assert [(u.op, u.module) for u in s.uncounted] == [("aten.addmm (size from data)", "lin")]
+    real = summary(model, x, mask)  # the real forward: 3 rows selected
+    assert real.total_flops == 2 * 3 * 4 * 3 and real.output_shapes[0] == (3, 3)
+
+
+def test_value_branch_on_meta_says_fake_tensors_failed_too(ip) -> None:
+    ip.user_ns.update(model=_Branch(), x=torch.randn(5, 4), mask=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(UsageError) as info:
+        run(ip, "summary model x mask --meta")
+    msg = str(info.value)
+    assert "fake tensors, which carry symbolic values, did not get past it either" in msg
+    assert "%%meta_shape --fake" not in msg and "\n" not in msg
+    assert "run on real weights without --meta" in msg

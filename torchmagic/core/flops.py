@@ -373,6 +373,14 @@ def _skip_ops() -> set[Any]:
 _SUBCLASS_DESCEND = ("NestedTensor",)
 
 
+def _symbolic(args: Any) -> bool:
+    """True when a tensor argument has a size known only from data (fake tensors: ``u0``)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and any(not isinstance(d, int) for d in a.shape):
+            return True
+    return False
+
+
 class FlopCounter(TorchDispatchMode):
     """Count forward FLOPs per module call of ``tracer`` (use inside :func:`trace_modules`).
 
@@ -422,9 +430,9 @@ class FlopCounter(TorchDispatchMode):
         for key in [k for k in self.uncounted if k[1] == call.index]:
             del self.uncounted[key]  # the fused RNN kernel: counted analytically instead
 
-    def _miss(self, func: Any) -> None:
+    def _miss(self, func: Any, why: str = "") -> None:
         stack = self.tracer.stack
-        key = (op_name(func), stack[-1] if stack else None)
+        key = (op_name(func) + why, stack[-1] if stack else None)
         self.uncounted[key] = self.uncounted.get(key, 0) + 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -453,7 +461,7 @@ class FlopCounter(TorchDispatchMode):
         try:
             n = int(formula(*args, **kwargs, out_val=out))
         except Exception:  # noqa: BLE001 - a formula that cannot read these arguments
-            self._miss(func)
+            self._miss(func, " (size from data)" if _symbolic(args) else "")
             return out
         if n:
             self.total += n

@@ -38,7 +38,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from torchmagic.core.errors import TorchMagicError
+from torchmagic.core.errors import ForwardError, TorchMagicError
 from torchmagic.core.execution import (
     compile_user_cell,
     forget,
@@ -96,7 +96,27 @@ def meta_shape(code_or_fn: str | Callable[[], Any], namespace: dict[str, Any] | 
     if isinstance(code_or_fn, types.FunctionType) and code_or_fn.__globals__ is not namespace:
         guarded.append(code_or_fn.__globals__)
     with namespace_guard(guarded, _undone_note(runner.report)):
-        return _meta_shape(runner, code_or_fn, namespace)
+        try:
+            return _meta_shape(runner, code_or_fn, namespace)
+        except ForwardError as err:
+            if fake or _setup is not None or runner.report.error_kind != "data-dependent":
+                raise
+            first = err  # the code reads values meta tensors lack: fake tensors have symbols
+        again = _Run(depth, True, fold, _flag)
+        try:
+            rep = _meta_shape(again, code_or_fn, namespace)
+        except ForwardError as second:
+            if again.report.error_kind == "symbolic-branch":  # Python branches on the value
+                again.report.notes.insert(0, f"the meta run stopped at line "
+                                             f"{first.partial.error_line}: it reads tensor "
+                                             "values; it ran again on fake tensors (symbolic "
+                                             "values) and stopped at the branch below")
+                raise second from None
+            raise first from None  # fake tensors fail elsewhere: the meta error stands
+        rep.notes.insert(0, f"the meta run stopped at line {first.partial.error_line}: it "
+                            "reads tensor values, which meta tensors lack; ran again on fake "
+                            "tensors, which give them symbolic values (u0)")
+        return rep
 
 
 def _undone_note(report: MetaShapeReport) -> Callable[[list[str]], None]:

@@ -307,7 +307,10 @@ class _Run:
             line: int | None = None
             try:
                 around = self.around(twins, new_ns) if self.around else contextlib.nullcontext()
-                with self._modes(redirect), trace_modules(self.tracer), around:
+                kw_hooks = contextlib.ExitStack()  # keyword inputs of the twins' calls
+                for root in twins.roots.values():
+                    kw_hooks.enter_context(self.tracer.watch_kwargs(root))
+                with kw_hooks, self._modes(redirect), trace_modules(self.tracer), around:
                     if call is not None:
                         call(new_ns)
                     for stmt, code, is_expr in statements:

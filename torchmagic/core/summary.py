@@ -254,7 +254,14 @@ def summary(
         return result
 
     # -- where to run, the inputs, the forward --
-    from torchmagic.core.summary_run import failure_hint, plan_run, run_forward
+    from torchmagic.core.summary_run import (
+        can_fake,
+        failure_hint,
+        fake_retry,
+        plan_run,
+        reads_values,
+        run_forward,
+    )
     from torchmagic.core.tracing import describe_failure, tensor_shapes
 
     plan = plan_run(model, meta, device)
@@ -270,6 +277,15 @@ def summary(
     result.input_kwargs = [k for k, v in kw.items() if tensor_shapes(v)]
 
     run = run_forward(plan, model, mode, pos, kw)
+    fake_failed = False
+    if reads_values(plan, run.error) and can_fake(model):  # fake tensors have symbolic values
+        retried = fake_retry(model, mode, pos, kw)
+        fake_failed = retried is None
+        if retried is not None:
+            result.notes = [n for n in result.notes if n not in plan.notes]
+            plan, run = retried
+            result.notes.extend(plan.notes)
+            result.device = "fake tensors (cpu)"
     calls = run.tracer.calls
     if calls and calls[0].parent is None and not calls[0].kwargs and kw:
         calls[0].input_shapes = tensor_shapes((pos, kw))  # ran without kwargs hooks
@@ -285,7 +301,7 @@ def summary(
                                run.tracer.module_of(failing) if failing is not None else None)
         msg += failure_hint(run, plan, input_size is not None and dtypes is None,
                             args is None and len(inputs) == 1 and type(inputs[0]) in (tuple, list),
-                            kw)
+                            kw, fake_failed)
         result.error = msg
         if raise_on_error:
             err = ForwardError(msg, original=run.error,

@@ -299,7 +299,8 @@ def _uncounted(result: Any, rows: dict[str, SummaryRow], calls: list[Any],
                  f"({u.calls} call{'s' if u.calls != 1 else ''})" for u in result.uncounted[:4]]
         more = f" and {len(result.uncounted) - 4} more" if len(result.uncounted) > 4 else ""
         result.notes.append(
-            "NOT COUNTED: ops that multiply-add but have no FLOP formula: "
+            "NOT COUNTED: ops that multiply-add but have no FLOP formula (or, marked \"size "
+            "from data\", a size known only from the values): "
             f"{'; '.join(parts)}{more}. FLOPs of rows marked +? (and the total) leave them out")
 
 

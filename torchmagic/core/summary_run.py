@@ -137,10 +137,73 @@ _VALUE_HINTS = ("item() cannot be called on meta", "cannot copy out of meta",
                 "data-dependent", "nonzero", "meta tensors do not", "boolean value of tensor")
 
 
+def reads_values(plan: Plan, error: BaseException | None) -> bool:
+    """True when a meta run failed because the forward reads tensor values (``.item()``, a
+    boolean test of a mask): the failure :func:`fake_retry` can get past."""
+    if error is None or not plan.meta:
+        return False
+    low = str(error).lower()
+    return any(h in low for h in _VALUE_HINTS)
+
+
+def can_fake(model: nn.Module) -> bool:
+    """False for models fake tensors cannot copy: uninitialized lazy or quantized tensors."""
+    from torch.nn.parameter import UninitializedParameter
+
+    return not any(isinstance(t, UninitializedParameter) or t.is_quantized
+                   for t in [*model.parameters(), *model.buffers()])
+
+
+def fake_retry(user_model: nn.Module, mode: str, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> tuple[Plan, Run] | None:
+    """Run the forward again on fake tensors (``FakeTensorMode`` with a ``ShapeEnv``, on the
+    CPU: no memory, no weights read), where a value read gives a symbolic value (``u0``)
+    instead of failing. For a meta run that failed in :func:`reads_values` (a Hugging Face
+    model given ``attention_mask``). Returns None when the model cannot have fake tensors
+    (lazy or quantized modules) or the fake run fails as well (the meta failure is reported)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.utils._pytree import tree_map
+
+    from torchmagic.core.estimate_trace import fake_like
+    from torchmagic.core.isolation import Isolation
+    from torchmagic.core.state import quiet_fake_tensor_log
+    from torchmagic.core.twin import twin
+
+    if not can_fake(user_model):
+        return None
+    cpu = torch.device("cpu")
+    fm = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
+    with quiet_fake_tensor_log():
+        try:
+            run_model = twin(user_model, isolation=Isolation(lambda t: fake_like(t, fm, cpu),
+                                                            "fake"))
+            memo: dict[int, Any] = {}
+
+            def convert(t: Any) -> Any:
+                if isinstance(t, torch.Tensor) and id(t) not in memo:
+                    memo[id(t)] = fake_like(t, fm, cpu)
+                return memo.get(id(t), t) if isinstance(t, torch.Tensor) else t
+
+            f_args, f_kwargs = tree_map(convert, (args, kwargs))
+        except Exception:  # noqa: BLE001 - what fake tensors cannot copy: the meta error stands
+            return None
+        plan = Plan(run_model, cpu, meta=True, notes=[
+            "ran on a fake twin (FakeTensorMode): the forward reads tensor values (a mask's "
+            "contents, .item()), which meta tensors lack; fake tensors give them symbolic "
+            "values. No weights read, no memory used"])
+        with fm:
+            run = run_forward(plan, user_model, mode, f_args, f_kwargs)
+    if run.error is not None:
+        return None
+    return plan, run
+
+
 def failure_hint(run: Run, plan: Plan, default_dtypes: bool, split_list: bool,
-                 kwargs: dict[str, Any]) -> str:
+                 kwargs: dict[str, Any], fake_failed: bool = False) -> str:
     """What the user can do about common failures, in plain-Python argument names (the magic
-    translates them to its flags)."""
+    translates them to its flags). ``fake_failed``: :func:`fake_retry` ran and failed too (no
+    suggestion of fake tensors then)."""
     err = run.error
     low = str(err).lower()
     failing = run.tracer.failing_call
@@ -173,15 +236,20 @@ def failure_hint(run: Run, plan: Plan, default_dtypes: bool, split_list: bool,
             if masks:
                 fixes.append(f"leave out {', '.join(masks)} (the model builds its own mask from "
                              "the shapes)")
-            fixes.append("run it with fake tensors, which carry symbolic values "
-                         "(torchmagic.meta_shape(code, fake=True))")
+            if fake_failed:
+                what += ("; fake tensors, which carry symbolic values, did not get past it "
+                         "either (a branch on a value)")
+            else:
+                fixes.append("run it with fake tensors, which carry symbolic values "
+                             "(torchmagic.meta_shape(code, fake=True))")
             if not plan.auto_meta:
                 fixes.append("run on real weights without meta=True")
-            return f" ({what}; what works: {'; or '.join(fixes)})"
+            return f" ({what}" + (f"; what works: {'; or '.join(fixes)})" if fixes else ")")
         return (f" ({where}: a forward that mixes devices cannot run on meta"
                 + ("; move the model or inputs to one device" if plan.auto_meta
                    else "; run without meta=True") + ")")
     return ""
 
 
-__all__ = ["Plan", "Run", "failure_hint", "plan_run", "run_forward"]
+__all__ = ["Plan", "Run", "can_fake", "failure_hint", "fake_retry", "plan_run", "reads_values",
+           "run_forward"]

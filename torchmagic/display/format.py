@@ -148,6 +148,30 @@ def clip_end(s: str, width: int) -> str:
     return s if len(s) <= width else s[: max(width - 1, 0)] + "…"
 
 
+def clip_items(s: str, width: int) -> str:
+    """A list of shapes ``(2, 16, 64), (2, 1, 16, 16), (1, 16)`` within ``width`` characters,
+    cut between whole items with the count left out: ``(2, 16, 64), +2``; an item is never cut
+    in its middle unless even the first one does not fit (then :func:`clip_end`)."""
+    if len(s) <= width:
+        return s
+    items: list[str] = []
+    depth = start = 0
+    for i, ch in enumerate(s):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(s[start:i].strip())
+            start = i + 1
+    items.append(s[start:].strip())
+    for keep in range(len(items) - 1, 0, -1):
+        text = ", ".join(items[:keep]) + f", +{len(items) - keep}"
+        if len(text) <= width:
+            return text
+    return clip_end(s, width)
+
+
 def shorten_path(path: str, width: int) -> str:
     """A dotted module path within ``width`` characters that still tells rows apart: numbered
     parts (``17`` in ``layers.17.mlp``), the last name and, while possible, the first name

@@ -28,7 +28,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from torchmagic.display.format import clip_end, esc, shorten_path, text_width, wrap_text
+from torchmagic.display.format import (
+    clip_end,
+    clip_items,
+    esc,
+    shorten_path,
+    text_width,
+    wrap_text,
+)
 
 MONO = "ui-monospace,SFMono-Regular,Menlo,Consolas,'Liberation Mono',monospace"
 
@@ -158,14 +165,15 @@ def as_cell(value: object) -> Cell:
 SOFT_PATH = 24   # a path column is narrowed to this before any column is left out
 SOFT_TEXT = 12   # other text columns
 HARD_MIN = 6     # then to this (headers are never cut)
+SOFT_SHAPES = 16  # shape columns (``fixed``), cut between whole shapes, only as a last resort
 
 
 @dataclass
 class Table:
     """Rows of cells under headers; ``align`` is ``"l"`` or ``"r"`` per column.
 
-    Right-aligned columns (numbers) and the columns in ``fixed`` (e.g. shapes) are never cut in
-    text; ``clip_middle`` names the module-path columns (shortened keeping layer numbers and the
+    Right-aligned columns (numbers) are never cut in text; the columns in ``fixed`` (shapes) only
+    when nothing else makes the table fit, and then between whole shapes (``(2, 16), +3``); ``clip_middle`` names the module-path columns (shortened keeping layer numbers and the
     last name); ``drop`` lists the columns that may be left out of the text, first one first.
     """
 
@@ -206,6 +214,8 @@ class Table:
             lead[0] = max((2 * lvl for lvl in self.indent), default=0)
 
         def floor(i: int) -> int:
+            if i in fixed and hard and i < ncol:  # shape lists: cut between whole shapes
+                return min(natural[i], max(len(self.headers[i]), SOFT_SHAPES))
             if self._align(i) == "r" or i in fixed or i >= ncol:
                 return natural[i]
             soft = natural[i] if i in whole else SOFT_PATH if i in paths else SOFT_TEXT
@@ -245,13 +255,15 @@ class Table:
         if not fits:
             w, fits = self._widths(cells, cols, width, hard=True)
         paths = set(self.clip_middle or ())
+        fixed_cols = set(self.fixed or ())
 
         def fit(s: str, i: int, lvl: int = 0) -> str:
             cw = w[i]
             pad = "  " * lvl if i == 0 else ""
             room = cw - len(pad)
             if len(s) > room:
-                s = shorten_path(s, room) if i in paths else clip_end(s, room)
+                s = shorten_path(s, room) if i in paths else \
+                    clip_items(s, room) if i in fixed_cols else clip_end(s, room)
             s = pad + s
             return s.rjust(cw) if self._align(i) == "r" else s.ljust(cw)
 

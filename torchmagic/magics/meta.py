@@ -41,9 +41,10 @@ class MetaShapeMagics(TorchMagics):
         allocate nothing (a 70B model built in the cell costs no memory), and nothing the cell
         assigns is written back. Global torch state (default device, grad mode, RNG) is restored.
 
-        A shape mismatch names the line, module and op; data-dependent code (.item(), masks,
-        nonzero, unique) says why meta cannot know the values: use --fake to continue with
-        symbolic sizes.
+        A shape mismatch names the line, module and op. Code that reads values (.item(),
+        masks, nonzero, unique), which meta tensors lack, runs again on fake tensors (as --fake
+        asks from the start): data-dependent sizes continue as symbols (u0), and a note says
+        so; a Python branch on such a value stops with the reason.
         """
         from torchmagic.core.errors import ForwardError
         from torchmagic.core.meta import meta_shape
