@@ -24,9 +24,11 @@ What ships:
   shape, dtype; modules with parameter counts) and the tree of module calls (qualified names rooted
   at the user's variable names, input -> output shapes, identical repeated blocks folded).
 - A failure raises :class:`ForwardError` whose message names the cell line, the module path and class
-  and the op; ``err.partial`` is the report gathered up to that point. Data-dependent code (``.item()``,
-  ``.tolist()``, ``if t.sum() > 0``, ``nonzero``, boolean masks, ``unique``) says why meta cannot know
-  the values and suggests ``--fake``. ``KeyboardInterrupt`` propagates after everything is restored.
+  and the op; ``err.partial`` is the report gathered up to that point. Code that reads values
+  (``.item()``, ``.tolist()``, ``nonzero``, boolean masks, ``unique``) stops a meta run; the code
+  then runs again with ``fake=True`` (a note in the report says so), and a Python branch on such a
+  value (``if t.sum() > 0``) stops with the reason. ``%%estimate`` (``_setup``) never reruns.
+  ``KeyboardInterrupt`` propagates after everything is restored.
 """
 
 from __future__ import annotations
