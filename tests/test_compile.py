@@ -567,3 +567,24 @@ def test_one_guard_failing_in_two_frames_counts_two_recompiles(capsys):
     assert rc.count == 2 and len(rc.compile_ids) == 2  # ... that recompiled both frames
     assert "Recompiles (2, 1 listed" in text
 
+
+def test_the_users_earlier_compile_does_not_change_the_counts(capsys):
+    """A function the user compiled (and recompiled) before: dynamo's compile ids count on
+    (0/2), and its automatic-dynamic state must not reach our run: the report is explain's."""
+    import torch._dynamo.utils as dutils
+
+    from torchmagic.core.compile_sandbox import DynamoSandbox
+    from torchmagic.display.compile import text as report_text
+
+    small, big = torch.randn(4, 8), torch.randn(16, 8)
+    ref = torch_per_call(peak, [(small,), (big,)])
+    with DynamoSandbox():  # the user's compile, dropped afterwards
+        user = torch.compile(peak, backend="eager")
+        user(small)
+        user(big)
+        dutils.clear_compilation_metrics()
+        report = explain_compile(peak, small, calls=[big], backend="eager")
+        ids = [m.compile_id for m in dutils.get_compilation_metrics()]
+    assert any(not i.endswith("/0") and not i.endswith("/1") for i in ids)  # counted on
+    check_one_story(report, report_text(report), ref)
+    assert not any(g.recompile for g in report.graphs if g.run == 1)
