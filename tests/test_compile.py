@@ -435,3 +435,156 @@ def test_busy_machine_warning_for_threaded_timings(monkeypatch):
     assert _load_warning(1) == []
     monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     assert _load_warning(2) == []
+
+
+# -- the header, the graph table and the recompile list tell one story, counted as torch does ----
+def peak(x):
+    y = torch.tanh(x)
+    print("peak", round(y.abs().max().item(), 2))  # an .item() and a print: graph breaks
+    return y * 2
+
+
+def split_by_print(x):
+    y = x.sin()
+    print("split")
+    return y + x  # x lives on after the break: the resumed frame guards on its size too
+
+
+def torch_per_call(fn, calls, modules=()):
+    """torch's own numbers, call by call, for ``fn`` under ``torch.compile`` from a fresh
+    dynamo (``reset()``, as ``torch._dynamo.explain`` starts): graphs and break reasons of its
+    explain bookkeeping (``ExplainWithBackend``), ``counters["stats"]["unique_graphs"]``, and the
+    frame compiles dynamo recorded (``get_compilation_metrics``): recompiles are those with a
+    ``recompile_reason``. Run in the magic's sandbox, like ``_explain``."""
+    import torch._dynamo.utils as dutils
+    from torch._dynamo.backends.debugging import ExplainWithBackend
+
+    from torchmagic.core.compile_run import _scopes
+    from torchmagic.core.compile_sandbox import DynamoSandbox
+
+    mods = [fn, *modules] if isinstance(fn, nn.Module) else list(modules)
+    out = []
+    with DynamoSandbox() as sandbox:
+        for scope in _scopes(mods, getattr(fn, "__globals__", None)):
+            sandbox.watch_scope(scope)
+        torch._dynamo.reset()
+        eb = ExplainWithBackend("eager")
+        compiled = torch.compile(fn, backend=eb)
+        for args in calls:
+            graphs, breaks = len(eb.graphs), len(eb.break_reasons)
+            unique = dutils.counters["stats"]["unique_graphs"]
+            dutils.clear_compilation_metrics()
+            compiled(*args)
+            metrics = dutils.get_compilation_metrics()
+            out.append({"graphs": len(eb.graphs) - graphs,
+                        "breaks": len(eb.break_reasons) - breaks,
+                        "unique_graphs": dutils.counters["stats"]["unique_graphs"] - unique,
+                        "recompiles": sum(1 for m in metrics if m.recompile_reason)})
+        torch._dynamo.reset()
+    return out
+
+
+def table_rows(text):
+    """The graph table's rows in a report's text: (graph, call, compile, the line) of each."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("graph  call  compile"))
+    rows = []
+    for ln in lines[start + 2:]:
+        if ln.startswith("="):
+            break
+        graph, call, compile_id = ln.split()[:3]
+        rows.append((int(graph), int(call), compile_id, ln))
+    return rows
+
+
+def check_one_story(report, text, ref):
+    """The header's counts, the table's rows and the recompile list agree with each other and
+    with torch's numbers ``ref`` (``torch_per_call``)."""
+    import re
+
+    first, later = ref[0], ref[1:]
+    rows = table_rows(text)
+    # torch: first call as explain counts it, the later calls' graphs, breaks and recompiles
+    assert report.graph_count == first["graphs"] == first["unique_graphs"]
+    assert report.graph_break_count == first["breaks"]
+    assert report.first_call_recompile_count == first["recompiles"]
+    assert report.later_graph_count == sum(r["graphs"] for r in later) \
+        == sum(r["unique_graphs"] for r in later)
+    assert report.later_graph_break_count == sum(r["breaks"] for r in later)
+    assert report.later_recompile_count == sum(r["recompiles"] for r in later)
+    # the header says those numbers ...
+    n1, b1, r1 = map(int, re.search(r"^call 1: (\d+) graphs?, (\d+) graph breaks?, (\d+) "
+                                    r"recompiles?,", text, re.M).groups())
+    r2, g2, b2, total = map(int, re.search(
+        r"^calls? 2(?:-\d+)?: (\d+) recompiles?, (\d+) more graphs?, (\d+) more graph breaks? "
+        r"\((\d+) graphs? in all\)", text, re.M).groups())
+    assert (n1, b1, r1) == (first["graphs"], first["breaks"], first["recompiles"])
+    assert (r2, g2, b2) == (report.later_recompile_count, report.later_graph_count,
+                            report.later_graph_break_count)
+    # ... and the table has those rows: call 1's, then the later calls', numbered in order
+    assert total == len(rows) == n1 + g2 == len(report.graphs)
+    assert [row[0] for row in rows] == list(range(1, total + 1))
+    assert sum(1 for row in rows if row[1] == 1) == n1
+    assert f"Graphs ({total}: {n1} in call 1, {g2} in call" in text
+    # the recompile list: its total is the header's, and the rows it names are the starred ones
+    recompiled = re.findall(r"^\d+\. call \d+ \(graphs? ([\d, ]+)[;,] compiles? ", text, re.M)
+    named = sorted(int(g) for found in recompiled for g in found.split(", "))
+    assert named == [g for g, _, cid, _ in rows if cid.endswith("*")]
+    assert f"Recompiles ({r1 + r2}" in text
+    # call 1's breaks are the table's numbered "break #n" rows, the later calls' its "break:" rows
+    assert sum(1 for row in rows if " break #" in row[3]) == b1
+    assert sum(1 for row in rows if " break: " in row[3]) == b2
+    assert all(row[1] > 1 for row in rows if " break: " in row[3])
+
+
+def test_header_table_and_recompiles_count_like_torch_across_calls(capsys):
+    from torchmagic.display.compile import text as report_text
+
+    small, big = torch.randn(4, 8), torch.randn(16, 8)
+    ref = torch_per_call(peak, [(small,), (big,)])
+    report = explain_compile(peak, small, calls=[big], backend="eager", logs="recompiles")
+    text = report_text(report)
+    check_one_story(report, text, ref)
+    # the case the tour shows: the later call recompiles every frame and breaks again
+    assert ref[1]["recompiles"] == 3 and ref[1]["breaks"] == 2
+    assert report.recompile_count == 3 == len(report.logs["recompiles"])  # torch's log records
+    # explain on the first call: the header's first numbers
+    ref_explain = _explain(peak, small)
+    assert report.graph_count == ref_explain.graph_count
+    assert report.graph_break_count == len(ref_explain.break_reasons)
+
+
+def test_one_guard_failing_in_two_frames_counts_two_recompiles(capsys):
+    from torchmagic.display.compile import text as report_text
+
+    a, b = torch.randn(4), torch.randn(8)
+    ref = torch_per_call(split_by_print, [(a,), (b,)])
+    report = explain_compile(split_by_print, a, calls=[b], backend="eager", logs="recompiles")
+    text = report_text(report)
+    check_one_story(report, text, ref)
+    assert ref[1]["recompiles"] == 2 == len(report.logs["recompiles"])
+    (rc,) = report.recompiles  # listed once: one failed guard (x's size) ...
+    assert rc.count == 2 and len(rc.compile_ids) == 2  # ... that recompiled both frames
+    assert "Recompiles (2, 1 listed" in text
+
+
+def test_the_users_earlier_compile_does_not_change_the_counts(capsys):
+    """A function the user compiled (and recompiled) before: dynamo's compile ids count on
+    (0/2), and its automatic-dynamic state must not reach our run: the report is explain's."""
+    import torch._dynamo.utils as dutils
+
+    from torchmagic.core.compile_sandbox import DynamoSandbox
+    from torchmagic.display.compile import text as report_text
+
+    small, big = torch.randn(4, 8), torch.randn(16, 8)
+    ref = torch_per_call(peak, [(small,), (big,)])
+    with DynamoSandbox():  # the user's compile, dropped afterwards
+        user = torch.compile(peak, backend="eager")
+        user(small)
+        user(big)
+        dutils.clear_compilation_metrics()
+        report = explain_compile(peak, small, calls=[big], backend="eager")
+        ids = [m.compile_id for m in dutils.get_compilation_metrics()]
+    assert any(not i.endswith("/0") and not i.endswith("/1") for i in ids)  # counted on
+    check_one_story(report, report_text(report), ref)
+    assert not any(g.recompile for g in report.graphs if g.run == 1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from conftest import outputs, run
 from IPython.core.error import UsageError
-from test_compile import _explain
+from test_compile import _explain, check_one_story, torch_per_call
 
 
 class HereNet(nn.Module):
@@ -259,7 +259,11 @@ def test_html_lists_recompiles_and_fullgraph_failure(html_mode):
     _setup(ip)
     bundles = outputs(ip, "compile model (2,4) --then (3,4) --backend eager")
     html = bundles[-1]["text/html"]
-    assert "Recompiles (1)" in html and "size mismatch at index 0" in html
+    # x's size fails the guards of forward and of its part after the print: two frames
+    # recompiled (torch's count), one failed guard listed
+    ref = torch_per_call(HereNet(), [(torch.randn(2, 4),), (torch.randn(3, 4),)])
+    assert ref[1]["recompiles"] == 2
+    assert "Recompiles (2, 1 listed" in html and "size mismatch at index 0" in html
     assert "torch._dynamo.mark_dynamic(x, 0)" in html
     bundles = outputs(ip, "compile model (2,4) --fullgraph --backend eager")
     html, text = bundles[-1]["text/html"], bundles[-1]["text/plain"]
@@ -284,3 +288,45 @@ def test_public_names_are_lazy_exports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["torchmagic.core.compile", "CompileReport"]
+
+
+PEAK_CELL = "out = peak(torch.randn(4, 8))\nout.shape"
+
+
+def _html_text(html):
+    """The words of an HTML report, tags dropped and entities decoded."""
+    import html as html_lib
+
+    return html_lib.unescape(re.sub(r"<[^>]+>", "\n", html))
+
+
+def test_cell_runs_header_table_and_html_count_like_torch(html_mode, monkeypatch):
+    """%%compile --runs 3 on a cell whose .item() value changes every call: the header's counts
+    of call 1 and calls 2-3 are torch's, the text table and the HTML table have the rows they
+    add up to, and the HTML says what the text says."""
+    from test_compile import peak
+
+    from torchmagic.core.compile_cell import cell_function
+
+    ip = html_mode
+    monkeypatch.setenv("COLUMNS", "100")
+    ip.user_ns["peak"] = peak
+    torch.manual_seed(0)
+    ns = dict(ip.user_ns)
+    cf = cell_function(PEAK_CELL)
+    ref = torch_per_call(cf.function(ns), [cf.arguments(ns)] * 3)
+    assert ref[1]["recompiles"] >= 1 and sum(r["graphs"] for r in ref[1:]) >= 1  # can differ
+    torch.manual_seed(0)
+    bundles = outputs(ip, "compile --backend eager --runs 3 -o rep", PEAK_CELL)
+    rep = ip.user_ns["rep"]
+    text, html = bundles[-1]["text/plain"], bundles[-1]["text/html"]
+    check_one_story(rep, text, ref)
+    assert text.splitlines()[1].startswith("call 1: ") and "calls 2-3: " in text
+    # the HTML: the same header lines and titles, and one table row per graph
+    words = _html_text(html)
+    for line in text.splitlines()[1:3]:
+        assert line in words
+    assert f"Graphs ({len(rep.graphs)}: {rep.graph_count} in call 1, " in words
+    assert f"Recompiles ({rep.recompile_count}" in words
+    table = html.split("Graphs (", 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr") - 1 == len(rep.graphs)  # the header row, then one per graph

@@ -60,8 +60,14 @@ class CompileReport(Result):
     ``torch._dynamo.explain`` on the same code (its ``graph_count`` and ``break_reasons``);
     ``graph_break_count`` is ``len(graph_breaks)`` (explain's own ``graph_break_count`` is
     ``graph_count - 1``, which also counts the boundaries between frames dynamo compiled
-    separately: ``explain_graph_break_count``); ``graphs`` lists every graph of every call
-    (recompiled ones flagged); ``recompiles`` the recompilations of later calls.
+    separately: ``explain_graph_break_count``); ``graphs`` lists every graph of every call (its
+    ``run`` is the call, its ``compile_id`` dynamo's ``frame/n``, ``recompile`` when n > 0);
+    ``later_graph_breaks`` the breaks of calls after the first (``later_graph_count`` graphs);
+    ``recompiles`` the recompilations, one entry per failed guard and call, each standing for
+    ``count`` frame recompilations: ``recompile_count`` in all, the number of ``Recompiling
+    function`` records of ``TORCH_LOGS=recompiles`` (so ``len(graphs)`` = ``graph_count`` +
+    ``later_graph_count``; ``recompile_count`` = ``first_call_recompile_count`` +
+    ``later_recompile_count``).
     ``compile_seconds``: dynamo's compile time over all calls; ``codegen_seconds``: the part spent
     in the backend (None with ``explain_only``); ``first_call_seconds``: the first call's wall
     time. ``timing`` (``bench``) and ``check`` are None unless asked for; ``skipped`` says why
@@ -93,6 +99,7 @@ class CompileReport(Result):
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None
     fullgraph_error: GraphBreak | None = None
+    later_graph_breaks: list[GraphBreak] = field(default_factory=list)
     source: str = ""
     _value: Any = None
 
@@ -112,6 +119,30 @@ class CompileReport(Result):
         return max(self.compile_seconds - (self.codegen_seconds or 0.0), 0.0)
 
     @property
+    def recompile_count(self) -> int:
+        """Frame recompilations over all calls (one ``Recompiling function`` log record each)."""
+        return sum(rc.count for rc in self.recompiles)
+
+    @property
+    def first_call_recompile_count(self) -> int:
+        """Recompilations during the first call (a frame called again with other inputs)."""
+        return sum(rc.count for rc in self.recompiles if rc.run == 1)
+
+    @property
+    def later_recompile_count(self) -> int:
+        """Recompilations during the calls after the first."""
+        return self.recompile_count - self.first_call_recompile_count
+
+    @property
+    def later_graph_count(self) -> int:
+        """Graphs compiled during the calls after the first (recompiles and new frames)."""
+        return sum(1 for g in self.graphs if g.run > 1)
+
+    @property
+    def later_graph_break_count(self) -> int:
+        return len(self.later_graph_breaks)
+
+    @property
     def op_count(self) -> int:
         """Ops in the first call's graphs (call_function/method/module nodes)."""
         return sum(g.ops for g in self.graphs if g.run == 1)
@@ -123,6 +154,9 @@ class CompileReport(Result):
         out["tracing_seconds"] = self.tracing_seconds
         out["explain_graph_break_count"] = self.explain_graph_break_count
         out["op_count"] = self.op_count
+        for name in ("recompile_count", "first_call_recompile_count", "later_recompile_count",
+                     "later_graph_count", "later_graph_break_count"):
+            out[name] = getattr(self, name)
         if self.timing is not None:
             out["timing"]["speedup"] = self.timing.speedup
             out["timing"]["break_even_calls"] = self.timing.break_even_calls
@@ -288,22 +322,33 @@ def _report(setup: _Setup, target: str, kind: str, recorder: Recorder, guards: G
             capture: Any, source: str = "") -> CompileReport:
     first = [g for g in recorder.graphs if g.run == 1]
     count = len(first)
+    found = recompiles(guards.failures, locator)
+    if all(f.compile_id for f in guards.failures):
+        # a recompile of this run is a compile started by a recorded guard failure: compile ids
+        # count on from compiles made before the run (the user's own of the same code: 0/2)
+        ids = {cid for rc in found for cid in rc.compile_ids}
+        for g in recorder.graphs:
+            g.recompile = g.compile_id in ids
     report = CompileReport(
         target=target, kind=kind, backend=setup.backend, mode=setup.mode,
         fullgraph=setup.fullgraph, dynamic=setup.dynamic, explain_only=setup.explain,
         runs=runs_done, graph_count=count,
         graph_break_count=len([b for b in recorder.breaks if b.run == 1]),
         graph_breaks=[b for b in recorder.breaks if b.run == 1], graphs=list(recorder.graphs),
-        recompiles=recompiles(guards.failures, locator), compile_seconds=compile_seconds,
+        later_graph_breaks=[b for b in recorder.breaks if b.run > 1],
+        recompiles=found, compile_seconds=compile_seconds,
         codegen_seconds=None if setup.explain else recorder.codegen_seconds,
         first_call_seconds=first_call, source=source)
     report.logs = {k: v for k, v in capture.by_source().items()
                    if k in (capture.settings or {})}
     report.warnings = [w for w in capture.warnings() if w.strip()]
-    later = [b for b in recorder.breaks if b.run > 1]
-    if later:
-        report.notes.append(f"{len(later)} more graph break(s) in recompiled code of later calls "
-                            "(listed with their graphs)")
+    if report.later_graph_breaks:
+        ends = [str(b.graph) for b in report.later_graph_breaks]
+        later = "call 2" if runs_done == 2 else f"calls 2-{runs_done}"
+        report.notes.append(f"the Graph breaks list is call 1's, as torch._dynamo.explain counts "
+                            f"them; the {len(ends)} graph break{'s' if len(ends) > 1 else ''} of "
+                            f"{later} end{'s' if len(ends) == 1 else ''} graph"
+                            f"{'s' if len(ends) > 1 else ''} {', '.join(ends)} in the table")
     if any("recompile_limit" in w or "cache_size_limit" in w for w in report.warnings):
         report.notes.append("dynamo hit its recompile limit: later calls of that code ran eagerly "
                             "(torch._dynamo.config.recompile_limit)")

@@ -115,7 +115,10 @@ class GraphInfo:
     """One captured FX graph: the frame it came from, its ops, and how it ends (a graph break's
     title, or ``return``). ``ops`` counts call_function, call_method and call_module nodes
     (``explain``'s ``op_count`` counts call_function only); ``op_names`` the most frequent ones.
-    ``codegen_seconds``: time in the backend (code generation; None in explain mode)."""
+    ``compile_id``: dynamo's ``frame/n`` (as its logs write it); ``run``: the call (1-based);
+    ``recompile``: the compile of a recompilation in this run (its guard failure is among the
+    report's recompiles). ``codegen_seconds``: time in the backend (code generation; None in
+    explain mode)."""
 
     index: int
     compile_id: str
@@ -359,6 +362,24 @@ class Locator:
         return places
 
 
+def compile_id_text(compile_id: Any) -> str:
+    """dynamo's ``CompileId`` as its logs write it: ``frame/n`` (``n`` > 0: a recompile of the
+    frame), ``""`` for None."""
+    if compile_id is None:
+        return ""
+    return f"{compile_id.frame_id}/{compile_id.frame_compile_id}"
+
+
+def current_compile_id() -> str:
+    """The compile dynamo is running now (``frame/n``), or ``""`` outside one."""
+    try:
+        from torch._guards import CompileContext
+
+        return compile_id_text(CompileContext.current_compile_id())
+    except Exception:  # noqa: BLE001 - an internal change: the caller falls back
+        return ""
+
+
 def op_name(node: Any) -> str:
     target = node.target
     if node.op == "call_module":
@@ -429,12 +450,8 @@ class Recorder:
                                                                      reasons)
         self._explain_state = (graphs, count, per_graph, reasons)
         compile_id = gm.meta.get("dynamo_compile_id") if hasattr(gm, "meta") else None
-        if compile_id is None:
-            from torch._guards import CompileContext
-
-            compile_id = CompileContext.current_compile_id()
-        cid = "" if compile_id is None else f"{compile_id.frame_id}/{compile_id.frame_compile_id}"
-        recompile = bool(compile_id is not None and compile_id.frame_compile_id)
+        cid = compile_id_text(compile_id) if compile_id is not None else current_compile_id()
+        recompile = "/" in cid and cid.rsplit("/", 1)[1] != "0"
         nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method",
                                                        "call_module")]
         names = Counter(op_name(n) for n in nodes).most_common()
@@ -492,4 +509,5 @@ def inner_backend(backend: str, mode: str | None, dynamic: bool | None,
 
 
 __all__ = ["KINDS", "GraphBreak", "GraphInfo", "Locator", "Place", "Recorder", "classify",
-           "display_function", "inner_backend", "parse_reason"]
+           "compile_id_text", "current_compile_id", "display_function", "inner_backend",
+           "parse_reason"]

@@ -3,8 +3,10 @@
 dynamo calls ``guard_fail_fn`` (a hook of ``torch._dynamo.optimize``) with a ``GuardFail`` for every
 cached entry whose guards fail before it compiles a frame again; the reason is the text
 ``TORCH_LOGS=recompiles`` prints (``"1/0: tensor 'x' size mismatch at index 0. expected 2, actual
-3"``). :class:`GuardLog` collects them with the cell line and module that were running;
-:func:`recompiles` groups one lookup's failures into a :class:`Recompile` and classifies it: a
+3"``), once per recompilation (one ``Recompiling function`` record). It does so inside the new
+compile, whose id (``1/1``) :class:`GuardLog` records with the cell line and module that were
+running: one recompilation is the failures sharing that id, and the graph it captures (if any)
+carries the same id. :func:`recompiles` groups them into :class:`Recompile` s and classifies each: a
 tensor's shape, dtype, device or ``requires_grad``, a Python value (an ``int`` attribute of a
 module, an argument), a global, an object's identity, global torch state (grad mode, autocast).
 
@@ -52,6 +54,7 @@ class GuardFailure:
     code: Any  # the code object whose cached entry failed
     reason: str
     callers: list[Place]
+    compile_id: str = ""  # the compile dynamo started for this recompilation ("1/1")
 
 
 @dataclass
@@ -63,7 +66,10 @@ class Recompile:
     size mismatch at index 0. expected 2, actual 3"``); ``hint`` torch's own hint; ``suggestion``
     plain words and ``code`` a line to run; ``reasons`` every entry's failure (dynamo checks each
     cached entry, most recent first); ``frames`` every frame recompiled for the same failed guard
-    in that call (a forward split by graph breaks recompiles each piece)."""
+    in that call (a forward split by graph breaks recompiles each piece); ``compile_ids`` the
+    compiles dynamo started for it (``frame/n`` as in its logs and ``GraphInfo.compile_id``), one
+    per frame recompilation; ``count`` the frame recompilations (``Recompiling function`` records
+    of ``TORCH_LOGS=recompiles``)."""
 
     index: int
     run: int
@@ -78,6 +84,8 @@ class Recompile:
     reasons: list[str] = field(default_factory=list)
     source_line: str | None = None  # the user line that created the failing guard
     frames: list[str] = field(default_factory=list)  # every frame recompiled for this cause
+    compile_ids: list[str] = field(default_factory=list)
+    count: int = 1  # frame recompilations for this cause ("Recompiling function" records)
 
     def where(self) -> str:
         out = self.place.where() if self.place is not None else self.function
@@ -98,9 +106,12 @@ class GuardLog:
     def __call__(self, fail: Any) -> None:
         if not self.recording:
             return
+        from torchmagic.core.compile_graphs import current_compile_id
+
         callers = [p for p, _ in self.locator.live_callers(depth=2)]
         self.failures.append(GuardFailure(self.run, getattr(fail, "orig_code", None),
-                                          str(getattr(fail, "reason", fail)), callers))
+                                          str(getattr(fail, "reason", fail)), callers,
+                                          current_compile_id()))
 
 
 def _strip(reason: str) -> tuple[str, str, str | None, str | None]:
@@ -206,14 +217,23 @@ def suggest(kind: str, guard: str, hint: str | None) -> tuple[str | None, str | 
     return None, None
 
 
+def _same_lookup(group: list[GuardFailure], ids: set[str], f: GuardFailure) -> bool:
+    """Whether failure ``f`` belongs to the recompilation ``group`` is collecting: the same new
+    compile; without its id, the same frame and call and an entry not yet seen."""
+    lead = group[0]
+    if lead.compile_id and f.compile_id:
+        return lead.compile_id == f.compile_id
+    return lead.code is f.code and lead.run == f.run and _strip(f.reason)[0] not in ids
+
+
 def recompiles(failures: list[GuardFailure], locator: Locator) -> list[Recompile]:
-    """Group failures into recompilations (one per frame lookup) and describe each."""
+    """Group failures into recompilations (one per frame lookup), describe each, and merge the
+    recompilations of one call for the same failed guard into one :class:`Recompile`."""
     groups: list[list[GuardFailure]] = []
     ids: list[set[str]] = []
     for f in failures:
         cid = _strip(f.reason)[0]
-        if groups and groups[-1][0].code is f.code and groups[-1][0].run == f.run and \
-                cid not in ids[-1]:
+        if groups and _same_lookup(groups[-1], ids[-1], f):
             groups[-1].append(f)
             ids[-1].add(cid)
         else:
@@ -250,15 +270,18 @@ def recompiles(failures: list[GuardFailure], locator: Locator) -> list[Recompile
         cell_line = next((p.line for p in reversed(lead.callers) if p.in_cell), None)
         if place is not None and place.in_cell:
             cell_line = place.line
+        new_ids = [lead.compile_id] if lead.compile_id else []
         same = next((r for r in out if r.run == lead.run and r.guard == guard), None)
         if same is not None:  # one cause, several frames (a forward split by graph breaks)
             if function not in same.frames:
                 same.frames.append(function)
+            same.compile_ids += new_ids
+            same.count += 1
             continue
         out.append(Recompile(len(out) + 1, lead.run, function, place, cell_line, kind, guard,
                              hint, suggestion, code,
                              [_G_NAME.sub(r"\1", _strip(f.reason)[1]) for f in group],
-                             source, [function]))
+                             source, [function], new_ids))
     return out
 
 

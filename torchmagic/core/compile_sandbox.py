@@ -14,7 +14,9 @@ call. :class:`DynamoSandbox` does what ``explain`` needs without that:
 - process-wide bookkeeping a compile changes is put back: ``torch._dynamo.utils.counters``,
   ``guard_failures``, ``graph_break_reasons``, ``compilation_time_metrics``, the automatic-dynamic
   state of every code object (``torch._dynamo.pgo``: a shape our run saw change must not make the
-  user's next compile dynamic), the graph-break log de-duplication, ``warn_once`` caches and the
+  user's next compile dynamic; our run starts from an empty one, as ``explain`` after its reset
+  does, so that sizes and values the user's own calls made dynamic do not change its graphs and
+  breaks), the graph-break log de-duplication, ``warn_once`` caches and the
   backends dynamo keeps alive (``cached_backends``), so nothing of the run stays referenced;
 - ``torch._dynamo.config`` and ``torch._inductor.config`` are restored to their values on entry.
 """
@@ -76,6 +78,12 @@ class DynamoSandbox:
         if pgo is not None:  # automatic-dynamic state (torch 2.6+)
             s["code_state"] = copy.deepcopy(pgo._CODE_STATE)
             s["init_code_state"] = copy.deepcopy(pgo._INIT_CODE_STATE)
+            fresh = getattr(pgo, "CodeState", None)
+            if fresh is not None:  # our run starts as explain's (after its reset) would
+                from collections import defaultdict
+
+                pgo._CODE_STATE = defaultdict(fresh)
+                pgo._INIT_CODE_STATE = defaultdict(fresh)
         checker = _dup_checker()
         if checker is not None:
             s["dup_checker"] = copy.copy(checker.set)

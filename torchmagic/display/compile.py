@@ -25,6 +25,16 @@ def _seconds(s: float | None) -> str:
     return "-" if s is None else human_time(s)
 
 
+def _n(count: int, word: str) -> str:
+    """``1 graph``, ``3 graphs``, ``2 more graph breaks``."""
+    return f"{count} {word}{'s' if count != 1 else ''}"
+
+
+def _later_calls(r: Any) -> str:
+    """``call 2`` or ``calls 2-4``: the calls after the first."""
+    return "call 2" if r.runs == 2 else f"calls 2-{r.runs}"
+
+
 def _header(r: Any) -> tuple[str, list[str]]:
     what = {"cell": "the cell", "module": f"{r.target}'s forward",
             "function": f"{r.target}()"}.get(r.kind, r.target)
@@ -44,11 +54,19 @@ def _header(r: Any) -> tuple[str, list[str]]:
         lines.append(f"fullgraph=True FAILS at {r.fullgraph_error.where()}: "
                      f"{r.fullgraph_error.explanation}")
     else:
-        verdict = "compiles cleanly: one graph" if r.clean else \
-            f"{r.graph_count} graph{'s' if r.graph_count != 1 else ''}"
-        lines.append(f"{verdict}, {r.graph_break_count} graph break"
-                     f"{'s' if r.graph_break_count != 1 else ''}, {len(r.recompiles)} recompile"
-                     f"{'s' if len(r.recompiles) != 1 else ''}, {r.op_count} ops")
+        # the first call as torch._dynamo.explain counts it; later calls apart, so that the
+        # graphs of both add up to the table's rows and the recompiles to the list's
+        verdict = "compiles cleanly: one graph" if r.clean else _n(r.graph_count, "graph")
+        first = (f"{verdict}, {_n(r.graph_break_count, 'graph break')}, "
+                 f"{_n(r.first_call_recompile_count, 'recompile')}, {r.op_count} ops")
+        if r.runs > 1:
+            lines.append(f"call 1: {first}")
+            lines.append(f"{_later_calls(r)}: {_n(r.later_recompile_count, 'recompile')}, "
+                         f"{_n(r.later_graph_count, 'more graph')}, "
+                         f"{_n(r.later_graph_break_count, 'more graph break')} "
+                         f"({_n(len(r.graphs), 'graph')} in all)")
+        else:
+            lines.append(first)
         if r.graph_count > r.graph_break_count + 1:
             lines.append(f"(dynamo also compiled frames separately: explain's graph_break_count "
                          f"= graphs - 1 = {r.explain_graph_break_count})")
@@ -84,6 +102,14 @@ def _short_place(p: Any) -> str:
     return f"cell line {p.line}" if p.in_cell else f"{short_file(p.filename)}:{p.line}"
 
 
+def _graphs_title(r: Any) -> str:
+    """``Graphs (5: 2 in call 1, 3 in call 2)``: the table's rows, counted as the header does."""
+    if r.runs <= 1:
+        return f"Graphs ({len(r.graphs)})"
+    return (f"Graphs ({len(r.graphs)}: {r.graph_count} in call 1, {r.later_graph_count} in "
+            f"{_later_calls(r)})")
+
+
 def _graph_table(r: Any) -> Table:
     rows: list[list[object]] = []
     for g in r.graphs:
@@ -94,16 +120,41 @@ def _graph_table(r: Any) -> Table:
         if g.break_index is not None:
             end = f"break{f' #{g.break_index}' if g.run == 1 else ''}: {g.break_kind or g.ends}" \
                   f" at {_short_place(g.place)}"
-        rows.append([str(g.index), f"{g.run}" + ("*" if g.recompile else ""),
+        rows.append([str(g.index), str(g.run), (g.compile_id or "?") + ("*" if g.recompile else ""),
                      g.function, str(g.ops), ops, end])
-    notes = ["* recompiled: the frame was compiled again for this call"] \
+    notes = ["compile: dynamo's compile id (frame/n, as its logs write it); * a recompile: the "
+             "frame compiled again (Recompiles says why)"] \
         if any(g.recompile for g in r.graphs) else []
-    return Table(["graph", "call", "frame", "ops", "top ops", "ends with"], rows,
-                 align=["r", "l", "l", "r", "l", "l"], notes=notes)
+    return Table(["graph", "call", "compile", "frame", "ops", "top ops", "ends with"], rows,
+                 align=["r", "r", "l", "l", "r", "l", "l"], notes=notes)
 
 
-def _recompile_lines(rc: Any) -> list[str]:
-    out = [f"{rc.index}. call {rc.run}: {rc.where()}  [{rc.kind}]", f"   guard failed: {rc.guard}"]
+def _recompiles_title(r: Any) -> str:
+    """``Recompiles (3)``; ``Recompiles (2, 1 listed: ...)`` when one failed guard recompiled
+    several frames."""
+    if r.recompile_count == len(r.recompiles):
+        return f"Recompiles ({r.recompile_count})"
+    return (f"Recompiles ({r.recompile_count}, {len(r.recompiles)} listed: the same guard failed "
+            "in several frames)")
+
+
+def _recompile_label(r: Any, rc: Any) -> str:
+    """``call 2 (graph 3, compile 0/1)``: the call, and the table's rows this recompile made."""
+    graphs = [str(g.index) for g in r.graphs if g.compile_id and g.compile_id in rc.compile_ids]
+    ids = ", ".join(rc.compile_ids)
+    if not ids:
+        return f"call {rc.run}"
+    many = len(rc.compile_ids) > 1
+    compiles = f"compile{'s' if many else ''} {ids}"
+    if not graphs:
+        return f"call {rc.run} ({compiles}, no graph)"
+    sep = "; " if many else ", "
+    return f"call {rc.run} (graph{'s' if len(graphs) > 1 else ''} {', '.join(graphs)}{sep}{compiles})"
+
+
+def _recompile_lines(r: Any, rc: Any) -> list[str]:
+    out = [f"{rc.index}. {_recompile_label(r, rc)}: {rc.where()}  [{rc.kind}]",
+           f"   guard failed: {rc.guard}"]
     if len(rc.frames) > 1:
         out.append(f"   frames recompiled: {', '.join(rc.frames)}")
     if rc.source_line:
@@ -186,11 +237,11 @@ def text(r: Any) -> str:
         for b in r.graph_breaks:
             out += _break_lines(b)
     if r.graphs:
-        out += ["", _Block(_graph_table(r).text(width))]
+        out += ["", _graphs_title(r), _Block(_graph_table(r).text(width))]
     if r.recompiles:
-        out += ["", f"Recompiles ({len(r.recompiles)})"]
+        out += ["", _recompiles_title(r)]
         for rc in r.recompiles:
-            out += _recompile_lines(rc)
+            out += _recompile_lines(r, rc)
     if r.timing is not None:
         out += ["", _Block(_timing_table(r).text(width))]
     if r.check is not None:
@@ -288,14 +339,16 @@ def html(r: Any) -> str:
         body.append("</ol>")
     body.append(_source_html(r, anchor))
     if r.graphs:
-        body.append("<h4>Graphs</h4>" + _graph_table(r).html())
+        body.append(f"<h4>{esc(_graphs_title(r))}</h4>" + _graph_table(r).html())
     if r.recompiles:
-        body.append(f"<h4>Recompiles ({len(r.recompiles)})</h4><ol>")
+        body.append(f"<h4>{esc(_recompiles_title(r))}</h4><ol>")
         for rc in r.recompiles:
             where = _where_html(rc.place, rc.cell_line, anchor)
-            item = [f"<li><b>call {rc.run}: {where}</b> <span class=\"tm-warn\">"
+            item = [f"<li><b>{esc(_recompile_label(r, rc))}: {where}</b> <span class=\"tm-warn\">"
                     f"[{esc(rc.kind)}]</span>",
                     f'<div>guard failed: <code>{esc(rc.guard)}</code></div>']
+            if len(rc.frames) > 1:
+                item.append(f"<div>frames recompiled: {esc(', '.join(rc.frames))}</div>")
             if rc.source_line:
                 item.append(f'<div class="tm-muted">guard from: <code>{esc(rc.source_line)}'
                             "</code></div>")
