@@ -245,7 +245,7 @@ def test_user_warnings_are_given_back(ip):
     ("detect_anomaly --no-forward --no-backward", "1", "nothing to check"),
     ("detect_anomaly", "x = (", "not valid Python"),
     ("detect_anomaly", "   ", "the cell is empty"),
-    ("detect_anomaly --bogus", "1", "unrecognized arguments"),
+    ("detect_anomaly --bogus", "1", "unknown option"),
 ])
 def test_bad_input_is_one_line(ip, line, cell, msg):
     with pytest.raises(UsageError) as info:

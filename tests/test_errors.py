@@ -118,3 +118,26 @@ def test_internal_bug_keeps_its_traceback(ip, monkeypatch):
         files.append(tb.tb_frame.f_code.co_filename)
         tb = tb.tb_next
     assert any(f.endswith("test_errors.py") for f in files)
+
+
+@pytest.mark.parametrize("line, want", [
+    ("summary net --dpeth 2", "%summary: unknown option --dpeth (did you mean --depth?)"),
+    ("summary net --dpeth 2 --metta",
+     "%summary: unknown options --dpeth (did you mean --depth?), --metta (did you mean --meta?)"),
+    ("summary net --zzzzzz", "%summary: unknown option --zzzzzz (usage: %summary"),
+    ("summary net (3,10", "%summary: unclosed bracket in: net (3,10"),
+    ("estimate net --memory -4GiB",
+     "%estimate: --memory needs a value; '-4GiB' reads as an option: write --memory=-4GiB"),
+    ("summary net (1,3,32,32) --depth", "%summary: --depth needs a value (usage:"),
+])
+def test_usage_errors_say_what_was_meant(ip, line: str, want: str) -> None:
+    """One line naming the magic: the closest valid option for a typo (the suggestion is a real
+    option of the magic), how to give a value that starts with '-', a bracket left open."""
+    ip.user_ns["net"] = SmallCNN()
+    err = _shown_error(ip, "%" + line)
+    msg = str(err)
+    assert msg.startswith(want) and "\n" not in msg, msg
+    magic = ip.find_line_magic(line.split()[0])
+    options = {o for a in magic.parser._actions for o in a.option_strings}
+    for suggested in [w.rstrip("?),") for w in msg.split() if w.startswith("--") and "?" in w]:
+        assert suggested in options, suggested

@@ -108,8 +108,8 @@ def test_import_and_load_are_lazy() -> None:
 def test_option_errors_name_the_magic_and_show_usage(ip: Any) -> None:
     from IPython.core.error import UsageError
 
-    cases = [("summary", "m --frob", None, "%summary: unrecognized arguments: --frob (usage: %summary "),
-             ("meta_shape", "--nope", "x = 1", "%%meta_shape: unrecognized arguments: --nope "
+    cases = [("summary", "m --frob", None, "%summary: unknown option --frob (usage: %summary "),
+             ("meta_shape", "--nope", "x = 1", "%%meta_shape: unknown option --nope "
               "(usage: %%meta_shape "),
              ("tensor", "", None, "%tensor: the following arguments are required: EXPR")]
     for name, line, cell, start in cases:

@@ -320,7 +320,7 @@ def test_cell_options_without_cuda(ip):
     ("gpumem --watch -o x", None, "-o stores a report"),
     ("gpumem -o 1x", None, "-o needs a variable name"),
     ("gpumem --unwatch --device 0", None, "--unwatch takes no --device"),
-    ("gpumem --bogus", None, "unrecognized arguments"),
+    ("gpumem --bogus", None, "unknown option"),
     ("gpumem --top", "x = 1", "--top is a line option"),
     ("gpumem --watch", "x = 1", "--watch is a line option"),
     ("gpumem --reset", "x = 1", "--reset is a line option"),

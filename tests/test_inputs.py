@@ -335,4 +335,4 @@ def test_options_before_between_and_after_the_inputs(ip, magic: str, tail: str) 
     assert len(set(seen)) == 1 and "3, 4" in seen[0], seen
     with pytest.raises(UsageError) as info:  # still refused: an unknown flag among the inputs
         run(ip, f"{magic} lin --bogus (3,4)")
-    assert "unrecognized arguments: --bogus" in str(info.value)
+    assert "unknown option --bogus" in str(info.value)

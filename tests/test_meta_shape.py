@@ -465,7 +465,7 @@ def test_plain_python_string_and_function():
 @pytest.mark.parametrize("line, cell, expect", [
     ("meta_shape --depth -1", "x = 1", "--depth must be >= 0"),
     ("meta_shape --depth two", "x = 1", "invalid int value"),
-    ("meta_shape --bogus", "x = 1", "unrecognized arguments"),
+    ("meta_shape --bogus", "x = 1", "unknown option"),
     ("meta_shape", "   \n", "the cell is empty"),
     ("meta_shape", "x = (1,", "the cell is not valid Python (line 1: "),
     ("meta_shape -o 1x", "x = 1", "-o needs a variable name"),

@@ -162,7 +162,7 @@ def test_magic(ip) -> None:
     ("x", "must be a torch.nn.Module; got Tensor"),
     ("m --trainable --frozen", "choose one of --trainable and --frozen"),
     ("m --depth x", "invalid int value"),
-    ("m --wat", "unrecognized arguments"),
+    ("m --wat", "unknown option"),
 ])
 def test_magic_bad_input_one_line(ip, line: str, expected: str) -> None:
     ip.user_ns.update(m=SmallCNN(), x=torch.ones(2))
@@ -179,3 +179,23 @@ def test_wrappers_are_unwrapped_with_a_note() -> None:
     assert rep.total_params == sum(p.numel() for p in inner.parameters())
     assert [r.path for r in rep.rows] == ["", "0", "1", "2"]
     assert any("DataParallel wrapper" in n for n in rep.notes)
+
+
+@pytest.mark.parametrize("first", ["lazy", "sized"])
+def test_lazy_parameters_are_not_called_trainable_or_frozen(first: str) -> None:
+    """Uninitialized (lazy) parameters have no size: the footer counts the sized ones and names
+    how many are uninitialized, and never reports 0 trainable (0.0%) for a model not sized yet."""
+    from torch.nn.parameter import UninitializedParameter
+
+    m = nn.Sequential(nn.LazyLinear(32) if first == "lazy" else nn.Linear(3, 32), nn.ReLU(),
+                      nn.LazyLinear(10))
+    lazy = sum(isinstance(p, UninitializedParameter) for p in m.parameters())
+    sized = [p for p in m.parameters() if not isinstance(p, UninitializedParameter)]
+    text = str(params(m))
+    total = sum(p.numel() for p in sized)
+    assert f"Total: {total:,} in {len(sized)} sized tensors; {lazy} uninitialized" in text
+    if sized:
+        assert f"Trainable: {total:,} (100.0%); frozen 0 (0.0%); {lazy} uninitialized" in text
+    else:
+        assert f"Trainable: not known until the first forward ({lazy} uninitialized" in text
+        assert "0.0%" not in text.split("Trainable:")[1].splitlines()[0]

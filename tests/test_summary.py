@@ -472,7 +472,7 @@ def test_magic_keyboard_interrupt_propagates_state_kept(ip) -> None:
     ("three", "MODEL must be a torch.nn.Module; got int"),
     ("cnn (1,3", "unclosed bracket"),
     ("cnn (1,3,,32)", "malformed input shape"),
-    ("cnn (1,3,32,32) --bogus", "unrecognized arguments: --bogus"),
+    ("cnn (1,3,32,32) --bogus", "unknown option --bogus"),
     ("cnn (1,3,32)", "features.0 (Conv2d"),
     ("cnn (1,3,32,32) --mode test", "invalid choice"),
     ("cnn (1,3,32,32) --columns foo", "unknown column 'foo'"),

@@ -132,10 +132,20 @@ def summary_lines(r: Any) -> list[tuple[str, str, str | None]]:
     out: list[tuple[str, str, str | None]] = []
     tp = f"{r.trainable_percent:.1f}%"
     fp = f"{100.0 - r.trainable_percent:.1f}%" if r.total_params else "0.0%"
-    out.append(("Total", f"{count_with_human(r.total_params)} in "
-                         f"{r.param_tensors:,} tensors", None))
-    out.append(("Trainable", f"{r.trainable_params:,} ({tp}); frozen {r.frozen_params:,} ({fp})",
-                None))
+    lazy = len(r.uninitialized)
+    if lazy:  # param_tensors counts them too
+        total = (f"{count_with_human(r.total_params)} in {r.param_tensors - lazy:,} sized "
+                 f"tensors; {lazy} uninitialized (sized at the first forward)")
+    else:
+        total = f"{count_with_human(r.total_params)} in {r.param_tensors:,} tensors"
+    out.append(("Total", total, None))
+    if lazy and not r.total_params:  # nothing sized yet: a percentage of 0 says nothing
+        out.append(("Trainable", f"not known until the first forward ({lazy} uninitialized "
+                                 "parameters)", None))
+    else:
+        out.append(("Trainable", f"{r.trainable_params:,} ({tp}); frozen {r.frozen_params:,} "
+                                 f"({fp})" + (f"; {lazy} uninitialized not counted" if lazy
+                                              else ""), None))
     dts = "; ".join(f"{k}: {human_count(r.params_by_dtype[k])} params, {human_bytes(v)}"
                     for k, v in sorted(r.bytes_by_dtype.items()))
     out.append(("Bytes", f"{human_bytes(r.param_bytes)} ({exact(r.param_bytes)})"

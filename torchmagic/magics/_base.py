@@ -97,13 +97,20 @@ def split_args(line: str) -> list[str]:
 
 
 def parse(magic_func: Any, line: str) -> Any:
-    """Parse ``line`` with the ``magic_arguments`` parser of ``magic_func`` (bracket-aware split)."""
-    tokens = split_args(line)
+    """Parse ``line`` with the ``magic_arguments`` parser of ``magic_func`` (bracket-aware split).
+
+    Errors are one ``UsageError`` line naming the magic: an unknown option with the closest valid
+    one (``--dpeth``: did you mean ``--depth``?), a value starting with ``-`` with the
+    ``--opt=VALUE`` spelling, then the usage."""
     parser = magic_func.parser
     owner = getattr(magic_func, "__self__", None)
     table = getattr(owner, "magics", {})
     cell_only = parser.prog in table.get("cell", {}) and parser.prog not in table.get("line", {})
     name = ("%%" if cell_only else "%") + parser.prog
+    try:
+        tokens = split_args(line)
+    except UsageError as exc:
+        raise UsageError(f"{name}: {exc}") from None
     try:
         return _parse_intermixed(parser, tokens)
     except SystemExit as exc:  # -h/--help printed the usage; nothing more to do
@@ -112,7 +119,37 @@ def parse(magic_func: Any, line: str) -> Any:
         # IPython's formatter renders "usage: :: %name [options] ARGS"
         usage = one_line(parser.format_usage()).removeprefix("usage:").strip().removeprefix("::")
         usage = usage.strip().replace("%" + parser.prog, name, 1)
-        raise UsageError(f"{name}: {one_line(str(exc))} (usage: {usage})") from None
+        raise UsageError(f"{name}: {_explain(parser, str(exc), tokens)} (usage: {usage})") \
+            from None
+
+
+def _explain(parser: Any, message: str, tokens: list[str]) -> str:
+    """argparse's message, with what it leaves unsaid: the valid option closest to an unknown
+    one, and how to give a value that starts with ``-``."""
+    import difflib
+    import re
+
+    msg = one_line(message)
+    options = sorted(o for a in parser._actions for o in a.option_strings if o.startswith("--"))
+    m = re.match(r"unrecognized arguments: (.*)", msg)
+    if m:
+        unknown = [t for t in m.group(1).split() if t.startswith("-")]
+        hints = []
+        for tok in unknown:
+            close = difflib.get_close_matches(tok.split("=")[0], options, n=1, cutoff=0.6)
+            hints.append(f"{tok} (did you mean {close[0]}?)" if close else tok)
+        if hints:
+            return f"unknown option{'s' if len(hints) > 1 else ''} {', '.join(hints)}"
+    m = re.match(r"argument (\S+?)(?:/\S+)?: expected (?:one|at least one) argument", msg)
+    if m:
+        opt = m.group(1)
+        at = next((i for i, t in enumerate(tokens) if t == opt), None)
+        nxt = tokens[at + 1] if at is not None and at + 1 < len(tokens) else None
+        if nxt is not None and nxt.startswith("-"):
+            return (f"{opt} needs a value; {nxt!r} reads as an option: write {opt}={nxt} to give "
+                    "a value that starts with '-'")
+        return f"{opt} needs a value"
+    return msg
 
 
 def _parse_intermixed(parser: Any, tokens: list[str]) -> Any:
