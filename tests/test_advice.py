@@ -90,12 +90,18 @@ def test_optimizer_and_stale_grad_advice(ip: Any) -> None:
     assert ip.run_cell(_code(shown, "Clear the frozen ones")).success
     assert all(p.grad is None for p in stem)
     assert all(p.grad is not None for p in m.block2.parameters())  # trainable ones untouched
-    assert ip.run_cell(_code(shown, "Drop them from it")).success
+    assert ip.run_cell(_code(shown, "state_dict() stays valid")).success
     assert ip.user_ns["opt"] is opt
     held = [p for g in opt.param_groups for p in g["params"]]
     assert not any(p is q for p in stem for q in held)
     assert len(held) == len([p for p in m.parameters() if p.requires_grad])
     assert opt.param_groups[0]["weight_decay"] == 0.5  # its settings kept
+    assert not any(p is q for p in stem for q in opt.state)  # their Adam moments dropped too
+    assert len(opt.state) == len(held)
+    saved = opt.state_dict()  # valid: every state entry belongs to a held parameter
+    again = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    again.load_state_dict(saved)
+    assert again.param_groups[0]["weight_decay"] == 0.5
     frozen_before = [p.detach().clone() for p in stem]
     m(torch.randn(2, 3, 12, 12)).sum().backward()
     opt.step()  # weight decay would move frozen weights if the optimizer still held them
@@ -108,6 +114,8 @@ def test_optimizer_and_stale_grad_advice(ip: Any) -> None:
     assert all(any(p is q for q in held) for p in stem) and len(held) == len(set(map(id, held)))
     m(torch.randn(2, 3, 12, 12)).sum().backward()
     opt.step()
+    assert opt.state[stem[0]]["step"].item() == 1  # fresh moments, not the ones from before
+    opt.state_dict()
     assert not all(torch.equal(a, b) for a, b in zip(frozen_before, stem))  # now trained
 
 

@@ -893,3 +893,26 @@ def test_cuda_half_way_failure_is_undone_bitwise(tmp_path):
     with pytest.raises(TorchMagicError, match="put back as they were"):
         load_checkpoint(model, path)
     snap.assert_unchanged()
+
+
+def test_optimizer_with_state_of_a_removed_parameter_is_refused_in_one_line(ip, tmp_path):
+    """Removing a parameter from an optimizer's groups but not its state makes torch's
+    state_dict() raise KeyError: the save says why in one line and writes nothing."""
+    from IPython.core.error import UsageError
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    first = net[0].weight
+    for group in opt.param_groups:
+        group["params"][:] = [p for p in group["params"] if p is not first]
+    with pytest.raises(KeyError):
+        opt.state_dict()  # torch's own failure, which the magic must not show as a traceback
+    ip.user_ns.update(net=net, opt=opt)
+    target = tmp_path / "c.pt"
+    with pytest.raises(UsageError) as info:
+        run(ip, f"checkpoint save net {target} --optimizer opt")
+    msg = str(info.value)
+    assert "keeps state for 1 parameter(s) that are in none of its param_groups" in msg
+    assert "\n" not in msg and not target.exists()

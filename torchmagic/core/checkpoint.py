@@ -207,6 +207,21 @@ def _short(value: Any, limit: int = 40) -> str:
 
 
 # -- save ----------------------------------------------------------------------------------------
+def _optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """``optimizer.state_dict()``, or a one-line error when torch cannot write it (state kept
+    for a parameter no longer in any group: ``KeyError`` from torch)."""
+    try:
+        return optimizer.state_dict()
+    except KeyError:
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        stray = sum(1 for p in optimizer.state if id(p) not in held)
+        raise TorchMagicError(
+            f"the optimizer's state_dict() fails: it keeps state for {stray} parameter(s) that "
+            "are in none of its param_groups (removed from a group, their state left behind): "
+            "delete those entries of its .state (as %freeze's advice does); nothing was "
+            "written") from None
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
                     optimizer: torch.optim.Optimizer | None = None,
                     extras: Mapping[str, Any] | None = None, name: str = "model",
@@ -256,7 +271,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
     else:
         obj = {"model": state}
         if optimizer is not None:
-            obj["optimizer"] = optimizer.state_dict()
+            obj["optimizer"] = _optimizer_state(optimizer)
         obj.update(extras)
         keys = list(obj)
     for key, value in extras.items():

@@ -86,11 +86,14 @@ def _notes(r: Any) -> list[str]:
         if r.action == "freeze":
             notes.append(
                 f"NOTE: optimizer {o.name} ({o.type_name}) holds {o.count} of the parameters "
-                "just frozen; it skips them only while their .grad is None. Drop them from it "
-                "(its settings and the state of the others are kept):")
+                "just frozen; it skips them only while their .grad is None. Drop them and "
+                "their state (momentum, Adam moments) from it; its settings and the state of "
+                "the others are kept, and state_dict() stays valid:")
             notes += [f"    for group in {o.name}.param_groups:",
                       '        group["params"][:] = [p for p in group["params"] '
-                      "if p.requires_grad]"]
+                      "if p.requires_grad]",
+                      f"    for p in [p for p in {o.name}.state if not p.requires_grad]:",
+                      f"        del {o.name}.state[p]"]
         else:
             notes.append(
                 f"NOTE: optimizer {o.name} ({o.type_name}) does not hold {o.count} of the "
