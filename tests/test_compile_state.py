@@ -245,3 +245,30 @@ def test_fake_tensor_mode_class_is_put_back():
     assert FakeTensorMode.__dict__["__init__"] is original
     with FakeTensorMode() as mode:  # still a working class
         assert mode.from_tensor(torch.ones(2)).shape == (2,)
+
+
+_HOOK_SEEN: list[str] = []  # a global a user's hook appends to
+
+
+def _recording_hook(module, args, output):
+    _HOOK_SEEN.append(type(output).__name__)
+
+
+@pytest.mark.parametrize("kwargs", [{"backend": "eager"}, {"explain": True},
+                                    {"backend": "aot_eager", "check": True}])
+def test_a_hook_compiled_on_the_private_copy_writes_nothing_of_the_users(kwargs):
+    """dynamo resolves the globals of a hook it inlines by importing the function's module: the
+    copy's hook must append to the copy's list, never to the user's (and the module made for it
+    is gone afterwards)."""
+    import sys
+
+    model = Net()
+    model.fc.register_forward_hook(_recording_hook)
+    model(torch.randn(3, 4))
+    assert _HOOK_SEEN == ["Tensor"]  # the hook works on the user's model
+    _HOOK_SEEN.clear()
+    before = set(sys.modules)
+    explain_compile(model, torch.randn(3, 4), **kwargs)
+    assert _HOOK_SEEN == [], _HOOK_SEEN
+    assert not [m for m in set(sys.modules) - before if "torchmagic_twin" in m]
+    assert len(model.fc._forward_hooks) == 1

@@ -292,6 +292,15 @@ def run_callable(setup: _Setup, target: nn.Module | Callable[..., Any],
     """Compile and call a model's forward (on a private copy) or a function; ``given``: the
     keyword arguments of :func:`~torchmagic.core.inputs.prepare_inputs` (``args``, ``kwargs``,
     ``input_size``, ``dtypes``, ``batch_dim``)."""
+    from torchmagic.core.isolation import importable_globals
+
+    with importable_globals():  # dynamo resolves an inlined hook's globals by module name
+        return _compile_callable(setup, target, inputs, given, calls, name)
+
+
+def _compile_callable(setup: _Setup, target: nn.Module | Callable[..., Any],
+                      inputs: tuple[Any, ...], given: dict[str, Any],
+                      calls: Sequence[Any] | None, name: str | None) -> CompileReport:
     from torchmagic.core.inputs import has_inputs, is_shape, prepare_inputs
 
     is_module = isinstance(target, nn.Module)

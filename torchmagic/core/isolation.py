@@ -22,18 +22,21 @@ namespace twinned name by name stays consistent: ``head is model[1]`` holds for 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import io
+import itertools
 import logging
 import os
 import socket
+import sys
 import sysconfig
 import threading
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -266,7 +269,7 @@ class Isolation:
         g = fn.__globals__
         new_g = self.globals_copies.get(id(g))
         if new_g is None:
-            new_g = dict(g)
+            new_g = _globals_copy(g)
             self.globals_copies[id(g)] = new_g
         self.keep.append(g)
         cells = tuple(types.CellType() for _ in fn.__closure__) if fn.__closure__ else None
@@ -310,6 +313,39 @@ class Isolation:
 
 
 _LIBRARY_ROOTS = ("torch", "torchmagic", "numpy", "functools", "operator", "math")
+
+_IMPORTABLE: list[list[str]] = []  # open importable_globals() scopes: the module names made
+_IMPORTABLE_IDS = itertools.count()
+
+
+@contextlib.contextmanager
+def importable_globals() -> Iterator[None]:
+    """Inside it, user functions that twins re-create (hooks, forwards written in a notebook)
+    get globals that are the ``__dict__`` of a module registered in ``sys.modules`` under a
+    private name, instead of a plain dict copy. ``torch._dynamo`` finds the globals of a
+    function it inlines by importing ``globals()["__name__"]``: with a plain copy, a compiled
+    hook would read and append to the user's own objects. The modules leave ``sys.modules`` on
+    exit (nothing of the run stays referenced)."""
+    names: list[str] = []
+    _IMPORTABLE.append(names)
+    try:
+        yield
+    finally:
+        _IMPORTABLE.remove(names)
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+def _globals_copy(g: dict[str, Any]) -> dict[str, Any]:
+    if not _IMPORTABLE:
+        return dict(g)
+    name = f"_torchmagic_twin_globals_{next(_IMPORTABLE_IDS)}"
+    module = types.ModuleType(name)
+    module.__dict__.update(g)
+    module.__dict__["__name__"] = name
+    sys.modules[name] = module
+    _IMPORTABLE[-1].append(name)
+    return module.__dict__
 
 
 _SHARED_CALLABLES = {"OpOverloadPacket", "OpOverload", "CustomOpDef", "HigherOrderOperator",
