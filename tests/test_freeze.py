@@ -282,3 +282,18 @@ def test_tied_weights_are_named(ip):
     assert ip.user_ns["r"].tied_kept == [["wte.weight", "lm_head.weight"]]
     assert "left as it was: one of its names is under --except" in " ".join(shown.split())
     assert all(len(line) <= 100 for line in shown.splitlines())
+
+
+def test_one_path_as_a_string_is_one_path() -> None:
+    """``freeze(m, "features")`` freezes ``m.features`` (not the paths "f", "e", ...)."""
+    import torchmagic
+    from torchmagic.models import SmallCNN
+
+    m = SmallCNN()
+    r = torchmagic.freeze(m, "features", exclude="features.0")
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    want = {f"features.{n}" for n, _ in m.features.named_parameters()
+            if not n.startswith("0.")}
+    assert frozen == want and r is not None
+    torchmagic.unfreeze(m, "features")
+    assert all(p.requires_grad for p in m.parameters())

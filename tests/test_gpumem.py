@@ -569,3 +569,10 @@ def test_top_with_nested_sparse_quantized_and_subclass_tensors_alive(ip):
     assert entries["nt"].bytes == 800 * 100 * 4 + 2 * 2 * 8
     assert entries["nt"].shape == (2, "ragged", 100)
     del hidden
+
+
+def test_top_tensors_refuses_a_count_given_as_the_namespace() -> None:
+    from torchmagic.core.errors import TorchMagicError
+
+    with pytest.raises(TorchMagicError, match="namespace must be a mapping"):
+        core.top_tensors(3)  # type: ignore[arg-type]

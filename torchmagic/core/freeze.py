@@ -163,14 +163,16 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
     return out
 
 
-def set_requires_grad(model: nn.Module, paths: Sequence[str] = ("",), requires_grad: bool = False,
-                      *, exclude: Sequence[str] = (), name: str = "model",
+def set_requires_grad(model: nn.Module, paths: str | Sequence[str] = ("",),
+                      requires_grad: bool = False, *, exclude: str | Sequence[str] = (),
+                      name: str = "model",
                       namespace: Mapping[str, Any] | None = None) -> FreezeReport:
     """Set ``requires_grad`` on the parameters under ``paths`` (relative to ``model``; ``""`` is
     all of it) except those under ``exclude``; return the exact account. See :func:`freeze`."""
     if not isinstance(model, nn.Module):
         raise TorchMagicError(f"{name} is {a_type(model)}, not an nn.Module")
-    paths = list(paths) or [""]
+    paths = [paths] if isinstance(paths, str) else list(paths) or [""]  # "encoder" is one path
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     in_scope: dict[int, nn.Parameter] = {}
     scope_modules: dict[int, nn.Module] = {}
     for path in paths:
@@ -272,16 +274,19 @@ def _optimizer_notes(namespace: Mapping[str, Any], model: nn.Module,
     return notes
 
 
-def freeze(model: nn.Module, paths: Sequence[str] = ("",), *, exclude: Sequence[str] = (),
+def freeze(model: nn.Module, paths: str | Sequence[str] = ("",), *,
+           exclude: str | Sequence[str] = (),
            name: str = "model", namespace: Mapping[str, Any] | None = None) -> FreezeReport:
     """``requires_grad=False`` on the parameters under ``paths`` (submodule or parameter paths
-    relative to ``model``, e.g. ``"encoder"``, ``"blocks.0"``, ``"blocks[0].attn"``; default: the
-    whole model) except those under ``exclude``. Pass ``namespace=globals()`` to be warned about
+    relative to ``model``, e.g. ``"encoder"``, ``"blocks.0"``, ``"blocks[0].attn"``; one path or a
+    list; default: the whole model) except those under ``exclude``. Raises
+    :class:`TorchMagicError` for a path that names nothing in the model. Pass ``namespace=globals()`` to be warned about
     optimizers that still hold the frozen parameters."""
     return set_requires_grad(model, paths, False, exclude=exclude, name=name, namespace=namespace)
 
 
-def unfreeze(model: nn.Module, paths: Sequence[str] = ("",), *, exclude: Sequence[str] = (),
+def unfreeze(model: nn.Module, paths: str | Sequence[str] = ("",), *,
+             exclude: str | Sequence[str] = (),
              name: str = "model", namespace: Mapping[str, Any] | None = None) -> FreezeReport:
     """``requires_grad=True`` on the (floating point) parameters under ``paths`` except those under
     ``exclude``; the counterpart of :func:`freeze`."""

@@ -127,6 +127,9 @@ def top_tensors(namespace: Mapping[str, Any] | None = None, n: int = 10,
     pointer); meta/fake tensors and storages of 0 bytes hold no memory and are skipped (counted in
     ``skipped_meta`` / ``skipped_empty``).
     """
+    if namespace is not None and not isinstance(namespace, Mapping):
+        raise TorchMagicError(f"namespace must be a mapping of names to objects (globals()); got "
+                              f"{type(namespace).__name__} (the count is n=...)")
     if not isinstance(n, int) or n < 1:
         raise TorchMagicError(f"--top needs a positive number of tensors; got {n!r}")
     chosen = _m.parse_device(device)
