@@ -492,3 +492,23 @@ def test_summary_memory_magic(ip) -> None:
     _, shown = run(ip, "summary gpt (2,16) --dtypes long --depth 1 --memory -o s")
     assert "peak memory (estimated on fake tensors" in shown
     assert ip.user_ns["s"].training_peak_bytes > ip.user_ns["s"].inference_peak_bytes
+
+
+_SEEN: list[str] = []  # what a user's hook appends to
+
+
+def _hook(module, args, output):
+    _SEEN.append(type(output).__name__)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_users_hook_writes_into_a_copy_never_the_users_objects(train: bool) -> None:
+    """The fake twin's hooks run with copies of what they write: no fake tensor (and no entry at
+    all) lands in the user's list."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[0].register_forward_hook(_hook)
+    torchmagic.estimate_memory(model, torch.randn(3, 4), train=train, trace_device="cpu")
+    assert _SEEN == []
+    model(torch.randn(3, 4))
+    assert _SEEN == ["Tensor"]  # the hook still works on the user's model
+    _SEEN.clear()

@@ -291,19 +291,19 @@ def fake_like(t: torch.Tensor, mode: Any, device: torch.device,
 def fake_model(model: nn.Module, mode: Any, device: torch.device,
                dtype: torch.dtype | None = None) -> nn.Module:
     """A twin of ``model`` whose parameters, buffers and plain tensor attributes are fake tensors
-    (``fake_like``; tying kept). Raises :class:`TorchMagicError` for modules that cannot be copied
-    (uninitialized lazy modules, quantized tensors)."""
-    import copy
-
+    (``fake_like``; tying kept), isolated like every twin (:mod:`torchmagic.core.isolation`): the
+    user's hooks and forwards run with copies of what they write (a hook appending to a list of
+    the notebook appends to a copy). Raises :class:`TorchMagicError` for modules that cannot be
+    copied (uninitialized lazy modules, quantized tensors, a generator or an open file)."""
     from torch.nn.parameter import UninitializedParameter
+
+    from torchmagic.core.isolation import Isolation
+    from torchmagic.core.twin import twin
 
     tensors = [*model.parameters(), *model.buffers()]
     for sub in model.modules():
         tensors.extend(v for v in vars(sub).values() if isinstance(v, torch.Tensor))
-    memo: dict[int, Any] = {}
     for t in tensors:
-        if id(t) in memo:
-            continue
         if isinstance(t, UninitializedParameter):
             raise TorchMagicError("the model has uninitialized lazy modules (nn.LazyLinear ...): "
                                   "their shapes are known only after one forward; run one "
@@ -311,12 +311,12 @@ def fake_model(model: nn.Module, mode: Any, device: torch.device,
         if t.is_quantized:
             raise TorchMagicError("the model holds quantized tensors (torch.quantize_per_tensor "
                                   "/ quantize_dynamic), which fake tensors do not support")
-        memo[id(t)] = fake_like(t, mode, device, dtype)
+    iso = Isolation(lambda t: fake_like(t, mode, device, dtype), "fake")
     try:
-        return copy.deepcopy(model, memo)
+        return twin(model, isolation=iso)
     except TorchMagicError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a module holding a lock, a file ...
+    except Exception as exc:  # noqa: BLE001 - a __deepcopy__ of the user's that raises ...
         raise TorchMagicError(f"cannot copy the model to fake tensors ({type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:160]})") from None
 
