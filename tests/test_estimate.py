@@ -156,6 +156,73 @@ def test_hf_model_own_loss_with_labels() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# optimizer state vs the step's temporaries: analytic figures
+# ---------------------------------------------------------------------------------------------
+def wide_mlp() -> nn.Module:
+    """32 MiB of float32 parameters, a batch of 4: the optimizer step holds the peak."""
+    return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+
+
+def _step_samples(est: torchmagic.MemoryEstimate) -> list[int]:
+    assert len(est.timeline) == est.ops   # few ops: the timeline keeps every sample
+    return [i for i, p in enumerate(est.timeline_phase) if p == "optimizer step"]
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+def test_adam_state_is_its_moments_and_step_the_sqrt_a_temporary(cls: type, foreach: bool
+                                                                  ) -> None:
+    model = wide_mlp()
+    params = list(model.parameters())
+    size = [p.numel() * p.element_size() for p in params]
+    P = sum(size)
+    est = torchmagic.estimate_memory(model, torch.randn(4, 1024), train=True,
+                                     optimizer=lambda ps: cls(ps, foreach=foreach),
+                                     trace_device="cpu")
+    assert est.peak_phase == "optimizer step"
+    # exp_avg and exp_avg_sq of every parameter, and one float32 step count per parameter
+    state = 2 * P + 4 * len(params)
+    assert est.by_kind["optimizer_state"] == state
+    assert est.by_kind["parameters"] == P and est.by_kind["gradients"] == P
+    if foreach:
+        # torch._foreach_sqrt(exp_avg_sqs): one new tensor per parameter, P bytes in all
+        assert est.peak_op == "aten._foreach_sqrt" and est.by_kind["temporaries"] == P
+    else:
+        # per parameter: exp_avg_sq.sqrt() and its quotient by the bias correction live together,
+        # and the previous parameter's denominator is still referenced
+        want = max(2 * size[i] + (size[i - 1] if i else 0) for i in range(len(size)))
+        assert est.peak_op == "aten.div" and est.by_kind["temporaries"] == want
+    # the state is there (as in any step after the first) at every moment of the step
+    kinds = est.timeline_kinds
+    assert {kinds["optimizer_state"][i] for i in _step_samples(est)} == {state}
+    assert min(kinds["optimizer_state"]) == state
+    # totals unchanged: MemTracker's own peak of the same real step (after a warm-up step)
+    ref = real_peak(model, (torch.randn(4, 1024),), {}, True, mean_loss,
+                    optimizer=lambda ps: cls(ps, foreach=foreach))
+    assert est.peak_bytes == ref["total"]
+    assert est.by_kind == {k: ref[k] for k in KINDS}
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+def test_sgd_momentum_state_is_its_buffers(foreach: bool) -> None:
+    model = wide_mlp()
+    P = sum(p.numel() * p.element_size() for p in model.parameters())
+    est = torchmagic.estimate_memory(model, torch.randn(4, 1024), train=True,
+                                     optimizer=lambda ps: torch.optim.SGD(
+                                         ps, lr=0.1, momentum=0.9, foreach=foreach),
+                                     trace_device="cpu")
+    # one momentum buffer per parameter, from the start; its step updates in place
+    assert est.by_kind["optimizer_state"] == P
+    assert set(est.timeline_kinds["optimizer_state"]) == {P}
+    assert {est.timeline_kinds["temporaries"][i] for i in _step_samples(est)} == {0}
+    ref = real_peak(model, (torch.randn(4, 1024),), {}, True, mean_loss,
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9,
+                                                         foreach=foreach))
+    assert est.peak_bytes == ref["total"]
+    assert est.by_kind == {k: ref[k] for k in KINDS}
+
+
+# ---------------------------------------------------------------------------------------------
 # big models: nothing allocated
 # ---------------------------------------------------------------------------------------------
 def _rss() -> int:
@@ -275,6 +342,25 @@ def test_sharding_arithmetic() -> None:
     shard = [a for a in need.alternatives if not a.traced][0]
     assert shard.change == "FSDP / ZeRO-3 over 2 GPUs"
     assert shard.peak_bytes == math.ceil(params / 2) + act_peak + block
+
+
+def test_sharding_divides_the_optimizer_steps_temporaries() -> None:
+    """Adam's step at its peak (32 small layers, batch 4): parameters, gradients, exp_avg and
+    exp_avg_sq, step counts and the sqrt of exp_avg_sq (made from the sharded state) / N; the
+    output (4 x 512 float32), the loss and the input stay; one layer is gathered with its
+    gradients."""
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(32)])
+    params = list(model.parameters())
+    P = sum(p.numel() * 4 for p in params)
+    est = torchmagic.estimate_memory(model, torch.randn(4, 512), train=True, what_if=True,
+                                     trace_device="cpu")
+    assert est.peak_op == "aten._foreach_sqrt"
+    shard = [a for a in est.alternatives if not a.traced]
+    assert len(shard) == 1 and "8 GPUs" in shard[0].change
+    states = P + P + (2 * P + 4 * len(params)) + P
+    block = (512 * 512 + 512) * 4
+    assert shard[0].peak_bytes == math.ceil(states / 8) + (4 * 512 * 4 + 4) + 4 * 512 * 4 + \
+        2 * block
 
 
 def test_max_batch_by_bisection_matches_real_peaks() -> None:

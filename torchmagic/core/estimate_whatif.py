@@ -5,7 +5,8 @@ Every alternative but sharding is *traced*: the same step runs again on fake ten
 setting changed (bf16 weights, autocast, activation checkpointing, an optimizer without state, half
 the batch). Sharding (FSDP / ZeRO-3) is arithmetic on the traced timeline: at every moment the
 parameters, gradients and optimizer state are divided by N and one all-gathered block is added
-(its parameters, and in training its unsharded gradients); activations and temporaries stay.
+(its parameters, and in training its unsharded gradients); activations and temporaries stay
+(but the optimizer step's temporaries, made from the sharded state).
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import torch
 import torch.nn as nn
 
 from torchmagic.core.errors import TorchMagicError
-from torchmagic.core.estimate_trace import KINDS, StepSpec, Trace, optimizer_spec, repeated_blocks
+from torchmagic.core.estimate_trace import (
+    KINDS,
+    PHASES,
+    StepSpec,
+    Trace,
+    optimizer_spec,
+    repeated_blocks,
+)
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -189,12 +197,15 @@ def gathered_block_bytes(model: nn.Module, dtype: torch.dtype | None) -> tuple[i
 def sharded_peak(samples: list[tuple[int, ...]], shards: int, gathered: int,
                  train: bool) -> int:
     """The peak when parameters, gradients and optimizer state are split over ``shards`` GPUs:
-    max over the timeline of (model states / N + everything else) + the gathered block."""
-    i_par, i_grad, i_opt = (2 + KINDS.index(k) for k in
-                            ("parameters", "gradients", "optimizer_state"))
+    max over the timeline of (model states / N + everything else) + the gathered block. The
+    optimizer step's temporaries are made from the sharded state (Adam's sqrt of ``exp_avg_sq``):
+    / N too."""
+    i_par, i_grad, i_opt, i_tmp = (2 + KINDS.index(k) for k in
+                                   ("parameters", "gradients", "optimizer_state", "temporaries"))
+    step = PHASES.index("optimizer step")
     best = 0
     for s in samples:
-        states = s[i_par] + s[i_grad] + s[i_opt]
+        states = s[i_par] + s[i_grad] + s[i_opt] + (s[i_tmp] if s[0] == step else 0)
         value = s[1] - states + math.ceil(states / shards)
         best = max(best, value)
     return best + gathered * (2 if train else 1)
