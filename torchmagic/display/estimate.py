@@ -197,7 +197,8 @@ def _verdict_lines(e: Any, width: int) -> list[str]:
         if no:
             out.extend(wrap_line(f"Does not fit on: {', '.join(no)}", width))
         out.extend(wrap_line("  (no CUDA device here: give --device NAME or --memory SIZE for one "
-                             "verdict; memory figures from vendor datasheets)", width))
+                             "verdict; memory of one PyTorch device, as "
+                             "torch.cuda.get_device_properties reports it)", width))
     return out
 
 
@@ -364,5 +365,6 @@ def _verdict_html(e: Any) -> str:
     return ('<details style="margin-top:8px"><summary>Fits on: '
             f'{esc(", ".join(fits_on_summary(e)[0]) or "none of the accelerators known")}'
             f'</summary>{table.html()}<div class="tm-note tm-muted">No CUDA device here: give '
-            '--device NAME or --memory SIZE for one verdict. Memory figures from vendor datasheets '
-            '(hover a name for its source).</div></details>')
+            '--device NAME or --memory SIZE for one verdict. Memory of one PyTorch device, as '
+            'torch.cuda.get_device_properties reports it (hover a name for its source).'
+            '</div></details>')
