@@ -329,6 +329,70 @@ def test_verdict_against_memory_and_reserve() -> None:
     assert tight.alternatives == []
 
 
+def test_default_reserve_scales_with_a_given_memory() -> None:
+    """Without reserve=, a given memory keeps the smaller of 1 GiB and an eighth of it: 1 GiB of
+    memory is not eaten by a reserve meant for a big GPU's CUDA context."""
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+    x = torch.randn(64, 1024)
+    ref = real_peak(model, (x,), {}, True, mean_loss,
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=True))["total"]
+    est = torchmagic.estimate_memory(model, x, train=True, optimizer="sgd", memory="1GiB",
+                                     trace_device="cpu")
+    cap = est.verdict.capacity
+    assert cap.total == GiB and cap.reserve == GiB // 8 and cap.usable == GiB - GiB // 8
+    assert "eighth" in cap.reserve_source
+    assert est.fits and est.verdict.margin == GiB - GiB // 8 - ref
+    assert est.alternatives == [] and not any("sharding" in n for n in est.notes)
+    # a big memory keeps the full 1 GiB; a device keeps 1 GiB; reserve= is taken as given
+    big = torchmagic.estimate_memory(model, x, memory="64GiB", what_if=False)
+    assert big.verdict.capacity.reserve == GiB
+    t4 = torchmagic.estimate_memory(model, x, device="t4", what_if=False)
+    assert t4.verdict.capacity.reserve == GiB and "CUDA context" in t4.verdict.capacity.reserve_source
+    given = torchmagic.estimate_memory(model, x, memory="1GiB", reserve="300MiB", what_if=False)
+    assert given.verdict.capacity.reserve == 300 * MiB
+    assert given.verdict.capacity.reserve_source == "given (reserve=)"
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"memory": "1GiB", "reserve": "1GiB"}, "reserve=1GiB leaves nothing of memory=1GiB"),
+    ({"memory": "1GiB", "reserve": "2GiB"}, "reserve=2GiB leaves nothing of memory=1GiB"),
+    ({"memory": 1000, "reserve": 1000}, "reserve=1,000 leaves nothing of memory=1,000"),
+    ({"device": "t4", "reserve": "20GiB"}, "reserve=20GiB leaves nothing of NVIDIA T4's 15,102 MiB"),
+])
+def test_reserve_that_leaves_nothing_is_refused(kwargs: dict, expected: str) -> None:
+    with pytest.raises(TorchMagicError) as info:
+        torchmagic.estimate_memory(mlp(), torch.randn(4, 32), **kwargs)
+    msg = str(info.value)
+    assert msg.startswith(expected) and "give a smaller reserve" in msg and "\n" not in msg
+    # one byte less is allowed: one byte usable
+    if "memory" in kwargs and kwargs["memory"] == 1000:
+        est = torchmagic.estimate_memory(mlp(), torch.randn(4, 32), memory=1000, reserve=999,
+                                         what_if=False)
+        assert est.verdict.capacity.usable == 1
+
+
+def test_sharding_note_says_what_does_not_shard() -> None:
+    """No sharding row: a note only when the step does not fit, with the figures that explain it:
+    the whole model (no repeated blocks) gathered with its gradients is more than the usable."""
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+    x = torch.randn(64, 1024)
+    P = sum(p.numel() * 4 for p in model.parameters())
+    base = torchmagic.estimate_memory(model, x, train=True, optimizer="sgd", what_if=False,
+                                      trace_device="cpu")
+    # fits as it is (what_if forced): nothing to explain, though no number of GPUs fits either
+    fits = torchmagic.estimate_memory(model, x, train=True, optimizer="sgd", what_if=True,
+                                      memory=base.peak_bytes, reserve=0, trace_device="cpu")
+    assert fits.fits and not any(a.option.startswith("fully_shard") for a in fits.alternatives)
+    assert not any("sharding" in n for n in fits.notes)
+    # does not fit: the gathered model and its gradients (2 P) alone exceed the usable memory
+    tight = torchmagic.estimate_memory(model, x, train=True, optimizer="sgd",
+                                       memory=2 * P - 1, reserve=0, trace_device="cpu")
+    assert not tight.fits
+    note = next(n for n in tight.notes if n.startswith("sharding over up to 1024 GPUs"))
+    assert "the whole model (no repeated blocks to wrap) all-gathered with its gradients " \
+           "(64.0 MiB)" in note and "activations of one GPU's batch alone" not in note
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA table")
 def test_without_a_device_every_accelerator_gets_a_verdict() -> None:
     est = torchmagic.estimate_memory(mlp(), torch.randn(4, 32))

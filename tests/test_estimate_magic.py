@@ -89,6 +89,20 @@ def test_options_reach_the_core(ip, ns) -> None:
     assert e.by_kind["optimizer_state"] == 0
 
 
+def test_small_memory_keeps_most_of_itself_usable(ip, ns) -> None:
+    """--memory without --reserve: the reserve is the smaller of 1 GiB and an eighth of the
+    memory, and the report says so."""
+    ns["mlp"] = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(),
+                                    torch.nn.Linear(4096, 1024))
+    ns["x"] = torch.randn(64, 1024)
+    _, shown = run(ip, "estimate mlp x --train --optimizer sgd --memory 1GiB -o s")
+    flat = " ".join(shown.split())
+    assert "FITS on 1GiB of memory: 1.0 GiB, 128.0 MiB reserved -> 896.0 MiB usable" in flat
+    assert "the smaller of 1 GiB and an eighth of it" in flat
+    assert "needs" not in flat and "sharding" not in flat
+    assert ns["s"].verdict.capacity.reserve == 2**30 // 8
+
+
 def test_max_batch_progress_line(ip, ns, monkeypatch) -> None:
     import torchmagic.display.live as live
 
@@ -127,6 +141,12 @@ def test_cell_magic(ip, ns) -> None:
     ("estimate gpt ids --device tpu9", None, "unknown accelerator 'tpu9'"),
     ("estimate gpt ids --memory lots", None, "size like 80GiB"),
     ("estimate gpt ids --max-batch", None, "needs a memory to fit in"),
+    ("estimate gpt ids --memory 1GiB --reserve 1GiB", None,
+     "%estimate: --reserve 1GiB leaves nothing of --memory 1GiB: "),
+    ("estimate gpt ids --device t4 --reserve 16GiB", None,
+     "--reserve 16GiB leaves nothing of NVIDIA T4's 15,102 MiB"),
+    ("estimate --memory 64MiB --reserve 64MiB", "x = gpt(ids)",
+     "%%estimate: --reserve 64MiB leaves nothing of --memory 64MiB"),
     ("estimate gpt ids --first-step", None, "--first-step applies to %%estimate"),
     ("estimate gpt (4,32) --dtypes long --batch x", None, "argument --batch"),
     ("estimate gpt ids -o 1x", None, "-o needs a variable name"),

@@ -9,7 +9,8 @@ backward, optimizer step), the module and the op running then. A 70B Llama train
 bf16, batch 1 x 4096) is estimated in seconds with no weight allocated.
 
 The verdict (:mod:`torchmagic.core.estimate_devices`) compares the peak plus a reserve (the CUDA
-context and workspaces PyTorch does not allocate itself; default 1 GiB) with the device's memory:
+context and workspaces PyTorch does not allocate itself; default 1 GiB, for a ``memory=`` the
+smaller of 1 GiB and an eighth of it) with the device's memory:
 the current CUDA device, a named accelerator (``"H100"``, ``"a100-40gb"``, ``"T4"``...) or
 ``memory=``. Without either (no CUDA here) every accelerator of the table gets its own verdict.
 What would change it (:mod:`torchmagic.core.estimate_whatif`): bf16 weights, autocast, activation
@@ -52,6 +53,7 @@ from torchmagic.core.estimate_whatif import (
     batch_size,
     search_max_batch,
     sharding_alternative,
+    sharding_note,
     traced_alternatives,
     with_batch,
 )
@@ -321,7 +323,9 @@ def estimate_memory(
     ``device``: ``"cuda"``/``"cuda:N"`` (this machine's device) or an accelerator name from
     :data:`~torchmagic.core.estimate_devices.ACCELERATORS`; ``memory``: a size (``"80GiB"``,
     ``"24GB"``, bytes) to check against instead; ``reserve``: left free for the CUDA context and
-    workspaces (default 1 GiB). ``max_batch``: also find the largest batch that fits (needs a
+    workspaces (default 1 GiB; with ``memory``, the smaller of 1 GiB and an eighth of it, so a
+    small budget is not eaten by a reserve meant for a big GPU; a reserve that leaves nothing of
+    the memory is refused). ``max_batch``: also find the largest batch that fits (needs a
     capacity). ``what_if``: trace the alternatives (None: only when it does not fit). ``top``:
     modules listed by activation bytes. ``progress``: called with a dict at each stage.
     ``trace_device``: the device whose kernels the fake step imitates (which tensors attention
@@ -430,9 +434,10 @@ def estimate_memory(
         shard = sharding_alternative(trace, model, w_dtype, bool(train), usable)
         if shard is not None:
             alts.append(shard)
-        elif usable is not None:
-            notes.append("sharding over up to 1024 GPUs does not make it fit: the activations of "
-                         "one GPU's batch alone are too large")
+        else:
+            why = sharding_note(trace, model, w_dtype, bool(train), usable, result.fits)
+            if why is not None:
+                notes.append(why)
         result.alternatives = alts
         result.notes.extend(notes)
     result.seconds = time.perf_counter() - started

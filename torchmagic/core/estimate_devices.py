@@ -28,6 +28,19 @@ KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
 DEFAULT_RESERVE = 1 * GiB
 RESERVE_SOURCE = ("left for what PyTorch's allocator does not count: the CUDA context "
                   "(~0.3-0.6 GiB), cuBLAS/cuDNN workspaces, NCCL buffers")
+RESERVE_FRACTION = 8      # memory= without reserve=: the reserve is at most memory / 8
+SCALED_RESERVE_SOURCE = ("default for a given memory: the smaller of 1 GiB and an eighth of it "
+                         "(1 GiB is for a large GPU's CUDA context and workspaces); set it with "
+                         "--reserve (reserve=)")
+
+
+def default_reserve(memory: int | None = None) -> int:
+    """The reserve (bytes) when none is given: :data:`DEFAULT_RESERVE` (1 GiB) for a device; for a
+    ``memory=`` of ``memory`` bytes, the smaller of 1 GiB and ``memory // 8``, so a small budget
+    (``memory="1GiB"``) keeps 7/8 of itself usable instead of nothing."""
+    if memory is None:
+        return DEFAULT_RESERVE
+    return min(DEFAULT_RESERVE, memory // RESERVE_FRACTION)
 
 
 @dataclass(frozen=True)
@@ -170,13 +183,34 @@ def cuda_capacity(index: int | None, reserve: int) -> Capacity:
 def resolve_capacity(device: Any = None, memory: Any = None, reserve: Any = None
                      ) -> Capacity | None:
     """What to check against: ``memory`` (a size) wins, else ``device`` (``"cuda"``, ``"cuda:1"``,
-    an accelerator name), else the current CUDA device when there is one, else None."""
+    an accelerator name), else the current CUDA device when there is one, else None.
 
+    ``reserve``: bytes left free (a size); None: :func:`default_reserve` (1 GiB; with ``memory``,
+    the smaller of 1 GiB and an eighth of it). Raises :class:`TorchMagicError` when a given
+    reserve leaves nothing of the memory."""
     res = DEFAULT_RESERVE if reserve is None else parse_bytes(reserve, "reserve")
     cap = _resolve(device, memory, res)
-    if cap is not None and reserve is not None:
+    if cap is None:
+        return None
+    if reserve is not None:
         cap.reserve_source = "given (reserve=)"
+        if res >= cap.total:
+            given = _shown(reserve)
+            what = (f"memory={_shown(memory)}" if memory is not None else
+                    f"{cap.name}'s {cap.total / MiB:,.0f} MiB")
+            raise TorchMagicError(
+                f"reserve={given} leaves nothing of {what}: the reserve is taken from the memory "
+                f"before the peak is compared; give a smaller reserve (e.g. reserve=0) or none "
+                f"(default: 1 GiB, for a given memory the smaller of 1 GiB and an eighth of it)")
+    elif memory is not None:
+        cap.reserve = default_reserve(cap.total)
+        cap.reserve_source = SCALED_RESERVE_SOURCE
     return cap
+
+
+def _shown(value: Any) -> str:
+    """A size as the user wrote it (``1GiB``), or its bytes."""
+    return value.strip() if isinstance(value, str) else f"{int(value):,}"
 
 
 def _resolve(device: Any, memory: Any, res: int) -> Capacity | None:
@@ -219,6 +253,6 @@ def fits_table(peak: int, reserve: int = DEFAULT_RESERVE) -> list[Verdict]:
     return sorted(out, key=lambda v: -v.capacity.total)
 
 
-__all__ = ["ACCELERATORS", "DEFAULT_RESERVE", "Accelerator", "Capacity", "Verdict",
-           "accelerator_names", "cuda_capacity", "find_accelerator", "fits_table",
-           "parse_bytes", "resolve_capacity", "verdict"]
+__all__ = ["ACCELERATORS", "DEFAULT_RESERVE", "RESERVE_FRACTION", "Accelerator", "Capacity",
+           "Verdict", "accelerator_names", "cuda_capacity", "default_reserve", "find_accelerator",
+           "fits_table", "parse_bytes", "resolve_capacity", "verdict"]

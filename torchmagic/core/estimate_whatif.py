@@ -230,6 +230,37 @@ def sharding_alternative(trace: Trace, model: nn.Module, dtype: torch.dtype | No
     return None
 
 
+def unsharded_bytes(samples: list[tuple[int, ...]]) -> int:
+    """The most bytes live at once that sharding does not divide: activations, temporaries (but
+    the optimizer step's), buffers and inputs."""
+    i_par, i_grad, i_opt, i_tmp = (2 + KINDS.index(k) for k in
+                                   ("parameters", "gradients", "optimizer_state", "temporaries"))
+    step = PHASES.index("optimizer step")
+    return max((s[1] - s[i_par] - s[i_grad] - s[i_opt] - (s[i_tmp] if s[0] == step else 0)
+                for s in samples), default=0)
+
+
+def sharding_note(trace: Trace, model: nn.Module, dtype: torch.dtype | None, train: bool,
+                  usable: int | None, fits: bool | None) -> str | None:
+    """Why no number of GPUs (up to 1024) makes the step fit, from the figures (None when there
+    is nothing to explain: no capacity, no usable memory, or the step fits as it is)."""
+    if usable is None or usable <= 0 or fits is not False:
+        return None
+    from torchmagic.display.format import human_bytes
+
+    gathered, label = gathered_block_bytes(model, dtype)
+    rest = unsharded_bytes(trace.samples)
+    block = gathered * (2 if train else 1)
+    return (f"sharding over up to 1024 GPUs does not make it fit: what no sharding divides "
+            f"(activations, temporaries, buffers and inputs: up to {human_bytes(rest)}) plus "
+            f"{label} all-gathered{' with its gradients' if train else ''} "
+            f"({human_bytes(block)}) already exceed the usable {human_bytes(usable)}"
+            if rest + block > usable else
+            f"sharding over up to 1024 GPUs does not make it fit in the usable "
+            f"{human_bytes(usable)}: a 1024th of the model states on each GPU, with what no "
+            f"sharding divides (up to {human_bytes(rest)}) and {label} all-gathered, is still more")
+
+
 # ---------------------------------------------------------------------------------------------
 # traced alternatives
 # ---------------------------------------------------------------------------------------------
@@ -286,5 +317,5 @@ def traced_alternatives(run: Callable[[StepSpec, int | None], Trace], spec: Step
 
 
 __all__ = ["Alternative", "batch_size", "candidate_changes", "gathered_block_bytes",
-           "search_max_batch", "sharded_peak", "sharding_alternative", "traced_alternatives",
-           "with_batch"]
+           "search_max_batch", "sharded_peak", "sharding_alternative", "sharding_note",
+           "traced_alternatives", "unsharded_bytes", "with_batch"]

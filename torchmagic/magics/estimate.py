@@ -73,7 +73,8 @@ class EstimateMagics(TorchMagics):
                    "every accelerator of the table)")
     @argument("--memory", metavar="SIZE", help="check against this much memory: 80GiB, 24GB ...")
     @argument("--reserve", metavar="SIZE",
-              help="memory left for the CUDA context and workspaces (default 1GiB)")
+              help="memory left for the CUDA context and workspaces (default 1GiB; with "
+                   "--memory, the smaller of 1GiB and an eighth of it)")
     @argument("--what-if", dest="what_if", action="store_true", default=None,
               help="always trace the alternatives (default: only when it does not fit)")
     @argument("--no-what-if", dest="what_if", action="store_false",
@@ -173,7 +174,7 @@ class EstimateMagics(TorchMagics):
             raise UsageError(f"%%estimate: {', '.join(bad)} {verb} to the line form (%estimate "
                              "MODEL INPUTS ...); the cell runs your own code and takes --device, "
                              "--memory, --reserve, --what-if, --first-step, --top and -o")
-        with user_errors("%%estimate"):
+        with user_errors("%%estimate"), flag_names():
             self.check_output_name(args.output)
             if args.top < 0:
                 raise TorchMagicError(f"--top must be >= 0; got {args.top}")
