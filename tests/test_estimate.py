@@ -415,8 +415,14 @@ def test_alternatives_are_each_traced() -> None:
     assert set(alts) == {"--dtype bf16", "--amp bf16", "--checkpointing", "--optimizer sgd",
                          "--batch 4"}   # no number of GPUs fits in 1 byte: no sharding row
     assert all(a.traced and a.fits is False for a in alts.values())
+    # only what a change alters is traced again; each equals the whole step traced with it
+    assert {o: a.how for o, a in alts.items()} == {
+        "--dtype bf16": "traced", "--amp bf16": "step from base",
+        "--checkpointing": "step from base", "--optimizer sgd": "optimizer swapped",
+        "--batch 4": "step from base"}
     for option, kwargs in (("--checkpointing", {"checkpointing": True}),
-                           ("--batch 4", {"batch": 4})):
+                           ("--batch 4", {"batch": 4}), ("--amp bf16", {"amp": "bf16"}),
+                           ("--dtype bf16", {"dtype": "bf16"})):
         alone = torchmagic.estimate_memory(gpt, ids, train=True, what_if=False, **kwargs)
         assert alts[option].peak_bytes == alone.peak_bytes, option
     # SGD without momentum keeps no state, bf16 halves the parameters
@@ -424,6 +430,46 @@ def test_alternatives_are_each_traced() -> None:
     assert sgd.by_kind["optimizer_state"] == 0 and alts["--optimizer sgd"].peak_bytes == \
         sgd.peak_bytes
     assert alts["--dtype bf16"].peak_bytes < base.peak_bytes
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd-momentum", "adagrad"])
+def test_derived_alternatives_equal_whole_traces(optimizer: str) -> None:
+    """The wide MLP's peak is in the optimizer step with AdamW and Adagrad (their sqrt
+    temporaries), in backward with SGD's in-place momentum: the alternatives that keep the step
+    take it from the first trace, SGD's step is traced alone; each equals the whole step traced
+    with the change."""
+    model = wide_mlp()
+    x = torch.randn(4, 1024)
+    base = torchmagic.estimate_memory(model, x, train=True, optimizer=optimizer, memory=1,
+                                      reserve=0, trace_device="cpu")
+    assert base.peak_phase == ("backward" if optimizer == "sgd-momentum" else "optimizer step")
+    alts = {a.option: a for a in base.alternatives}
+    assert alts["--amp bf16"].how == "step from base" and alts["--batch 2"].how == \
+        "step from base" and alts["--optimizer sgd"].how == "optimizer swapped"
+    for option, kwargs in (("--amp bf16", {"amp": "bf16"}), ("--batch 2", {"batch": 2}),
+                           ("--optimizer sgd", {"optimizer": "sgd"})):
+        alone = torchmagic.estimate_memory(model, x, train=True, what_if=False,
+                                           trace_device="cpu",
+                                           **{"optimizer": optimizer, **kwargs})
+        assert alts[option].peak_bytes == alone.peak_bytes, option
+    assert base.whatif_traces == 4 and base.whatif_seconds > 0
+
+
+def test_step_traced_alone_analytic() -> None:
+    """AdamW's step alone on the wide MLP's parameters: state exp_avg + exp_avg_sq + a float32
+    step count per parameter, and the sqrt of exp_avg_sq (P bytes) above the level before it."""
+    from torchmagic.core.estimate_trace import StepSpec, optimizer_spec, trace_optimizer_step
+    from torchmagic.core.estimate_whatif import optimizer_cost
+
+    model = wide_mlp()
+    params = list(model.parameters())
+    P = sum(p.numel() * 4 for p in params)
+    spec = StepSpec(train=True, optimizer=optimizer_spec("adamw"), foreach=True)
+    cost = optimizer_cost(trace_optimizer_step(model, spec))
+    assert cost.state == 2 * P + 4 * len(params) and cost.excess == P
+    sgd = optimizer_cost(trace_optimizer_step(model, StepSpec(
+        train=True, optimizer=optimizer_spec("sgd"), foreach=True)))
+    assert sgd.state == 0 and sgd.excess == 0   # in place: params -= lr * grads
 
 
 def test_sharding_arithmetic() -> None:

@@ -121,6 +121,33 @@ def test_max_batch_progress_line(ip, ns, monkeypatch) -> None:
     assert "searching" not in shown and "Largest batch that fits" in shown
 
 
+def test_terminal_status_line_while_tracing(ip, ns, monkeypatch) -> None:
+    """In a terminal, a long estimate shows one status line rewritten in place: the trace running
+    (the step, then each what-if), its phase and ops so far; it is erased before the report, so
+    the report that stays on the screen is the plain result."""
+    import torchmagic.core.estimate_trace as estimate_trace
+    import torchmagic.display.live as live
+
+    monkeypatch.setattr(live, "_where", lambda: "terminal")
+    real_live = live.live
+    monkeypatch.setattr(live, "live", lambda title, delay=0.0, **kw: real_live(
+        title, 0.0, interval=0.0))
+    monkeypatch.setattr(estimate_trace, "HEARTBEAT_OPS", 64)   # a small model's few hundred ops
+    _, shown = run(ip, "estimate gpt ids --train --memory 1MiB --reserve 0 -o w")
+    status = [part for part in shown.split("\r") if part.startswith("%estimate: trace")]
+    assert "%estimate: trace 1: the training step: forward, 64 ops" in status
+    assert any(s.startswith("%estimate: trace 1: the training step: backward, ") for s in status)
+    changes = [a.change for a in ns["w"].alternatives if a.how != "arithmetic"]
+    for i, change in enumerate(changes):
+        assert any(s.startswith(f"%estimate: trace {i + 2}: what if {change} ({i + 1} of "
+                                f"{len(changes)})") for s in status), change
+    # what stays: the status line overwritten by blanks, then the report alone
+    last = shown.split("\r")[-1]
+    assert shown.split("\r")[-2].strip() == "" and last.startswith("Memory estimate: gpt")
+    assert "%estimate: trace" not in last
+    assert f"what-if: {ns['w'].whatif_traces} more traces" in " ".join(last.split())
+
+
 def test_cell_magic(ip, ns) -> None:
     snap = Snapshot.take(ns["gpt"], ids=ns["ids"])
     cell = ("opt.zero_grad()\nloss = F.cross_entropy(gpt(ids).flatten(0, 1), ids.flatten())\n"

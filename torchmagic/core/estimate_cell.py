@@ -255,6 +255,7 @@ def estimate_cell(source: str, namespace: dict[str, Any], *, device: Any = None,
             if why is not None:
                 result.notes.append(why)
     result.seconds = time.perf_counter() - started
+    result.trace_seconds = result.seconds   # one trace: the cell's
     return result
 
 

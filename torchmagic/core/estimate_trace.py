@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ _REF_NAMES = ("Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp
 PHASES = ("setup", "forward", "loss", "backward", "optimizer step")
 _PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
 _STEP = _PHASE_INDEX["optimizer step"]
+HEARTBEAT_OPS = 512      # a trace's heartbeat (progress) every this many ops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +142,8 @@ def tracker_class() -> type:
             # samples of the optimizer step: index -> (module, op) (the step's peak can move
             # once the state made inside it is counted from the start, see collect_trace)
             self.step_where: dict[int, tuple[str | None, str | None]] = {}
+            self.backward_end: int | None = None   # the sample taken when backward ended
+            self.heartbeat: Callable[[int, str], None] | None = None
             self._mod_tracker = LeakFreeModTracker()
             for mod, name in (names or {}).items():
                 self._mod_tracker._known_modules[mod] = name
@@ -280,6 +284,8 @@ def tracker_class() -> type:
             phase = self.phase()
             index = _PHASE_INDEX.get(phase, 0)
             self.samples.append((index, total, *kinds))
+            if self.heartbeat is not None and len(self.samples) % HEARTBEAT_OPS == 0:
+                self.heartbeat(len(self.samples), phase)
             best = self.phase_max.get(index)
             if index == _STEP:
                 where = (self.module_now(), self.op_now())
@@ -582,6 +588,8 @@ class Trace:
     loss: str = ""
     notes: list[str] = field(default_factory=list)
     step_start: int | None = None      # the first sample of the optimizer step (None: no step)
+    backward_end: int | None = None    # the sample taken when backward ended (None: no backward)
+    seconds: float = 0.0               # wall time of the trace
 
 
 def _optimizer_failure(label: str, exc: BaseException) -> str:
@@ -622,10 +630,14 @@ def _forward_failure(exc: BaseException, tracer: Any, name: str) -> ForwardError
 
 
 def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], spec: StepSpec,
-               name: str = "model") -> Trace:
+               name: str = "model", optimizer_step: bool = True,
+               heartbeat: Callable[[int, str], None] | None = None) -> Trace:
     """Trace one step of ``model`` on fake tensors (see the module docstring).
 
     ``args``/``kwargs``: the inputs (real or meta tensors; only their shapes and dtypes are read).
+    ``optimizer_step=False`` (training): forward, loss and backward only, no optimizer (see
+    :func:`torchmagic.core.estimate_whatif.peak_with_step`). ``heartbeat(ops, phase)`` is called
+    every :data:`HEARTBEAT_OPS` ops (progress of a long trace).
     Raises :class:`ForwardError` naming the failing module when the model fails, and
     :class:`TorchMagicError` for unusable settings. Global torch state is restored on every path.
     """
@@ -634,6 +646,7 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
     from torchmagic.core.state import preserved_global_state, quiet_fake_tensor_log
     from torchmagic.core.tracing import ModuleTracer, trace_modules
 
+    started = time.perf_counter()
     cls = tracker_class()
     notes: list[str] = []
     with preserved_global_state(), quiet_fake_tensor_log():
@@ -651,9 +664,11 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
                                       "False): a training step updates nothing; estimate the "
                                       "inference instead")
             assert spec.optimizer is not None
-            with mode:
-                opt = spec.optimizer.make(trainable, spec.foreach)
+            if optimizer_step:
+                with mode:
+                    opt = spec.optimizer.make(trainable, spec.foreach)
         tracker = cls({fake: name})
+        tracker.heartbeat = heartbeat
         from torch.utils._pytree import tree_flatten
 
         tracker.track_external(*[t for t in tree_flatten((f_args, f_kwargs))[0]
@@ -680,15 +695,16 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
                         tracker.label = "backward"
                         loss.backward()
                         tracker.sample()
-                        assert opt is not None
-                        tracker.label = "optimizer step"   # also ops around the hooks
-                        try:
-                            opt.step()
-                        except Exception as exc:  # noqa: BLE001 - the optimizer's own step
-                            raise TorchMagicError(_optimizer_failure(spec.optimizer.label, exc)) \
-                                from None
-                        tracker.sample()
-                        opt.zero_grad(set_to_none=True)
+                        tracker.backward_end = len(tracker.samples) - 1
+                        if opt is not None:
+                            tracker.label = "optimizer step"   # also ops around the hooks
+                            try:
+                                opt.step()
+                            except Exception as exc:  # noqa: BLE001 - the optimizer's own step
+                                raise TorchMagicError(_optimizer_failure(spec.optimizer.label,
+                                                                         exc)) from None
+                            tracker.sample()
+                            opt.zero_grad(set_to_none=True)
                         del loss
                     del out
                 tracker.sample()
@@ -696,7 +712,44 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
             raise
         except Exception as exc:
             raise _forward_failure(exc, mtracer, name) from exc
-    return collect_trace(tracker, loss_desc, notes, steady_state=spec.train)
+    trace = collect_trace(tracker, loss_desc, notes, steady_state=spec.train)
+    trace.seconds = time.perf_counter() - started
+    return trace
+
+
+def trace_optimizer_step(model: nn.Module, spec: StepSpec) -> Trace:
+    """Trace ``spec.optimizer``'s step alone, on fake twins of ``model``'s trainable parameters
+    (in ``spec.dtype`` when given) with gradients, as in any step after the first (its state
+    counted from the start): what the step holds and allocates, without a forward or backward.
+    The samples are all in the optimizer step; the first is the level before it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchmagic.core.state import preserved_global_state, quiet_fake_tensor_log
+
+    started = time.perf_counter()
+    assert spec.optimizer is not None
+    with preserved_global_state(), quiet_fake_tensor_log():
+        mode = FakeTensorMode()
+        unique = {id(p): p for p in model.parameters() if p.requires_grad}
+        params = [fake_like(p, mode, spec.device, spec.dtype) for p in unique.values()]
+        with mode:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt = spec.optimizer.make(params, spec.foreach)
+        tracker = tracker_class()({})
+        tracker.track_external(*params, *[p.grad for p in params])
+        tracker.track_external(opt)
+        with mode, tracker:
+            tracker.label = "optimizer step"
+            tracker.sample()
+            try:
+                opt.step()
+            except Exception as exc:  # noqa: BLE001 - the optimizer's own step
+                raise TorchMagicError(_optimizer_failure(spec.optimizer.label, exc)) from None
+            tracker.sample()
+    trace = collect_trace(tracker, "", [], steady_state=True)
+    trace.seconds = time.perf_counter() - started
+    return trace
 
 
 def collect_trace(tracker: Any, loss_desc: str, notes: list[str],
@@ -772,7 +825,7 @@ def collect_trace(tracker: Any, loss_desc: str, notes: list[str],
                  phase_peaks=phase_peaks, act_peak=int(tracker.act_peak),
                  act_peak_phase=tracker.act_peak_phase, act_by_module=act,
                  by_device=tracker.device_peaks(), loss=loss_desc, notes=notes,
-                 step_start=step_start)
+                 step_start=step_start, backward_end=getattr(tracker, "backward_end", None))
 
 
 def _shift(s: tuple[int, ...], i_opt: int, i_tmp: int, moved: int, added: int
@@ -789,5 +842,5 @@ def _shift(s: tuple[int, ...], i_opt: int, i_tmp: int, moved: int, added: int
 __all__ = ["KINDS", "KIND_LABELS", "LOSSES", "PHASES", "OptimizerSpec", "StepSpec", "Trace",
            "apply_checkpointing", "collect_trace", "compute_loss", "fake_inputs", "fake_like", "fake_model",
            "optimizer_classes", "optimizer_spec", "repeated_blocks",
-           "trace_step",
+           "trace_optimizer_step", "trace_step",
            "tracker_class"]
