@@ -119,6 +119,8 @@ def tracker_class() -> type:
     refs = [_MemRefType(v) for v in _REF_NAMES]
     act, opt_ref, temp_ref = _MemRefType.ACT, _MemRefType.OPT, _MemRefType.TEMP
     prim_device = torch.ops.prim.device.default
+    meta_device = torch.device("meta")
+    from torch._subclasses.fake_tensor import FakeTensor as fake_tensor_cls
 
     class StepTracker(MemTracker):
         """``MemTracker`` that also records the timeline, the peak's place and activations by
@@ -168,6 +170,11 @@ def tracker_class() -> type:
             # MemTracker's own, without what torchmagic never meets (DTensor propagation, fake
             # collectives under a second fake mode), which costs a third of the tracing time
             if func is prim_device:   # a device query (autograd asks it per node): no memory
+                t = args[0] if len(args) == 1 else None
+                if type(t) is fake_tensor_cls:
+                    # FakeTensor's own answer (fake_tensor._device_handler), without a trip
+                    # through the fake mode's dispatch: a tenth of a trace's time
+                    return meta_device if t.fake_mode.in_kernel_invocation else t.fake_device
                 return func(*args, **(kwargs or {}))
             if any(getattr(t, "__name__", "") == "DTensor" for t in types):
                 return NotImplemented
