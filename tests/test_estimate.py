@@ -391,6 +391,14 @@ def test_sharding_note_says_what_does_not_shard() -> None:
     note = next(n for n in tight.notes if n.startswith("sharding over up to 1024 GPUs"))
     assert "the whole model (no repeated blocks to wrap) all-gathered with its gradients " \
            "(64.0 MiB)" in note and "activations of one GPU's batch alone" not in note
+    # nothing usable (a reserve as large as the memory, refused above) or no capacity: no note
+    from torchmagic.core.estimate_trace import StepSpec, optimizer_spec, trace_step
+    from torchmagic.core.estimate_whatif import sharding_note
+
+    trace = trace_step(model, (x,), {}, StepSpec(train=True, optimizer=optimizer_spec("sgd")))
+    assert sharding_note(trace, model, None, True, 0, False) is None
+    assert sharding_note(trace, model, None, True, None, None) is None
+    assert sharding_note(trace, model, None, True, 2 * P - 1, False) == note
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA table")
