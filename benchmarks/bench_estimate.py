@@ -9,6 +9,12 @@ Cases:
   process's VmHWM at the end);
 - ``small``: the estimate of a training step of a small GPT (6 layers, d=512, batch 8 x 256) against
   one real AdamW step of the same model on this CPU (after a warm-up step), as a ratio;
+- ``whatif-7b`` / ``whatif-70b``: ``%estimate MODEL (1,128) --dtypes long --train --device h100``
+  on a 7B Llama (Hugging Face ``LlamaConfig()`` defaults, built on meta; skipped without
+  transformers) and the 70B one: neither fits, so the alternatives run; printed: the wall time,
+  the first trace's ops and time, and the what-ifs' traces and time, each alternative with how it
+  was found (traced whole, forward and backward only with the optimizer step from the first
+  trace, the optimizer's step alone, arithmetic). No goal: a report;
 - ``errors``: the estimate's error for each model of the test list (MLP, CNN with BatchNorm, GPT
   with tied weights, Hugging Face Llama from its config when transformers is installed, a model
   calling torch.utils.checkpoint), training step with AdamW: against torch's MemTracker measuring
@@ -54,6 +60,31 @@ def _case_70b() -> dict:
             "ops": est.ops, "act_gib": est.activation_peak / 2**30,
             "by_kind_gib": {k: v / 2**30 for k, v in est.by_kind.items()},
             "traced_on": est.settings["traced on"]}
+
+
+def _case_whatif(size: str) -> dict:
+    import torch
+
+    import torchmagic
+
+    with torch.device("meta"):
+        torch.randn(4) + 1
+        if size == "7b":
+            import transformers
+
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig())
+        else:
+            from torchmagic.models import Llama
+
+            model = Llama(Llama.config_70b())
+    t0 = time.perf_counter()
+    est = torchmagic.estimate_memory(model, input_size=(1, 128), dtypes="long", train=True,
+                                     device="h100", name="llama")
+    seconds = time.perf_counter() - t0
+    return {"case": f"whatif-{size}", "seconds": seconds, "ops": est.ops,
+            "trace_s": est.trace_seconds, "whatif_traces": est.whatif_traces,
+            "whatif_s": est.whatif_seconds, "peak_gib": est.peak_bytes / 2**30,
+            "alternatives": [(a.option, a.how, a.peak_bytes / 2**30) for a in est.alternatives]}
 
 
 def _case_small() -> dict:
@@ -142,7 +173,8 @@ def _case_errors() -> dict:
 
 
 def _child(case: str) -> None:
-    fn = {"70b": _case_70b, "small": _case_small, "errors": _case_errors}[case]
+    fn = {"70b": _case_70b, "small": _case_small, "errors": _case_errors,
+          "whatif-7b": lambda: _case_whatif("7b"), "whatif-70b": lambda: _case_whatif("70b")}[case]
     print(json.dumps(fn()))
 
 
@@ -164,6 +196,22 @@ def main() -> None:
     kinds = ", ".join(f"{k} {v:.1f}" for k, v in big["by_kind_gib"].items() if v >= 0.05)
     print(f"  peak {big['peak_gib']:.1f} GiB in {big['phase']} at {big['op']} ({kinds} GiB); "
           f"activations at their peak {big['act_gib']:.1f} GiB")
+    for size, label in (("7b", "7B Llama (transformers LlamaConfig() defaults)"),
+                        ("70b", "70B Llama (config_70b)")):
+        try:
+            w = _run(f"whatif-{size}")
+        except SystemExit as exc:
+            if size == "7b" and "No module named 'transformers'" in str(exc):
+                print(f"\n{label}: skipped (no transformers)")
+                continue
+            raise
+        print(f"\n{label}, built on meta: %estimate (1,128) --dtypes long --train --device h100 "
+              f"(does not fit: the alternatives run)")
+        print(f"  {w['seconds']:.2f} s wall: the step {w['ops']:,} ops, {w['trace_s']:.2f} s; "
+              f"what-ifs {w['whatif_traces']} traces, {w['whatif_s']:.2f} s; "
+              f"peak {w['peak_gib']:.1f} GiB")
+        for option, how, gib in w["alternatives"]:
+            print(f"    {option:<22} {gib:8.1f} GiB  ({how})")
     small = _run("small")
     print("\nSmall GPT (6 layers, d=512, vocab 8000) training step, batch 8 x 256, AdamW, on CPU "
           f"({small['threads']} threads)")

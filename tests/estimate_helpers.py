@@ -114,7 +114,25 @@ def real_peak(model: nn.Module, args: tuple, kwargs: dict, train: bool, loss_fn=
     snap = mt.get_tracker_snapshot("peak")[torch.device("cpu")]
     ref = {k: int(snap[_MemRefType(v)]) for k, v in REFS.items()}
     ref["total"] = int(snap["Total"])
+    if opt is not None:
+        # MemTracker files everything optimizer.step() allocates as optimizer state, its
+        # temporaries too (Adam's sqrt of exp_avg_sq); the state is what optimizer.state holds
+        # (all of it live at the peak: made by the warm-up step), the rest of it temporaries
+        state = optimizer_state_bytes(opt)
+        ref["temporaries"] += ref["optimizer_state"] - state
+        ref["optimizer_state"] = state
     return ref
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in ``opt.state`` (each storage once)."""
+    seen: dict[int, int] = {}
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                st = v.untyped_storage()
+                seen[st.data_ptr() or id(st)] = st.nbytes()
+    return sum(seen.values())
 
 
 def real_cuda_peak(model: nn.Module, args: tuple, kwargs: dict, loss_fn) -> int:

@@ -156,6 +156,73 @@ def test_hf_model_own_loss_with_labels() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# optimizer state vs the step's temporaries: analytic figures
+# ---------------------------------------------------------------------------------------------
+def wide_mlp() -> nn.Module:
+    """32 MiB of float32 parameters, a batch of 4: the optimizer step holds the peak."""
+    return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+
+
+def _step_samples(est: torchmagic.MemoryEstimate) -> list[int]:
+    assert len(est.timeline) == est.ops   # few ops: the timeline keeps every sample
+    return [i for i, p in enumerate(est.timeline_phase) if p == "optimizer step"]
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+def test_adam_state_is_its_moments_and_step_the_sqrt_a_temporary(cls: type, foreach: bool
+                                                                  ) -> None:
+    model = wide_mlp()
+    params = list(model.parameters())
+    size = [p.numel() * p.element_size() for p in params]
+    P = sum(size)
+    est = torchmagic.estimate_memory(model, torch.randn(4, 1024), train=True,
+                                     optimizer=lambda ps: cls(ps, foreach=foreach),
+                                     trace_device="cpu")
+    assert est.peak_phase == "optimizer step"
+    # exp_avg and exp_avg_sq of every parameter, and one float32 step count per parameter
+    state = 2 * P + 4 * len(params)
+    assert est.by_kind["optimizer_state"] == state
+    assert est.by_kind["parameters"] == P and est.by_kind["gradients"] == P
+    if foreach:
+        # torch._foreach_sqrt(exp_avg_sqs): one new tensor per parameter, P bytes in all
+        assert est.peak_op == "aten._foreach_sqrt" and est.by_kind["temporaries"] == P
+    else:
+        # per parameter: exp_avg_sq.sqrt() and its quotient by the bias correction live together,
+        # and the previous parameter's denominator is still referenced
+        want = max(2 * size[i] + (size[i - 1] if i else 0) for i in range(len(size)))
+        assert est.peak_op == "aten.div" and est.by_kind["temporaries"] == want
+    # the state is there (as in any step after the first) at every moment of the step
+    kinds = est.timeline_kinds
+    assert {kinds["optimizer_state"][i] for i in _step_samples(est)} == {state}
+    assert min(kinds["optimizer_state"]) == state
+    # totals unchanged: MemTracker's own peak of the same real step (after a warm-up step)
+    ref = real_peak(model, (torch.randn(4, 1024),), {}, True, mean_loss,
+                    optimizer=lambda ps: cls(ps, foreach=foreach))
+    assert est.peak_bytes == ref["total"]
+    assert est.by_kind == {k: ref[k] for k in KINDS}
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+def test_sgd_momentum_state_is_its_buffers(foreach: bool) -> None:
+    model = wide_mlp()
+    P = sum(p.numel() * p.element_size() for p in model.parameters())
+    est = torchmagic.estimate_memory(model, torch.randn(4, 1024), train=True,
+                                     optimizer=lambda ps: torch.optim.SGD(
+                                         ps, lr=0.1, momentum=0.9, foreach=foreach),
+                                     trace_device="cpu")
+    # one momentum buffer per parameter, from the start; its step updates in place
+    assert est.by_kind["optimizer_state"] == P
+    assert set(est.timeline_kinds["optimizer_state"]) == {P}
+    assert {est.timeline_kinds["temporaries"][i] for i in _step_samples(est)} == {0}
+    ref = real_peak(model, (torch.randn(4, 1024),), {}, True, mean_loss,
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9,
+                                                         foreach=foreach))
+    assert est.peak_bytes == ref["total"]
+    assert est.by_kind == {k: ref[k] for k in KINDS}
+
+
+# ---------------------------------------------------------------------------------------------
 # big models: nothing allocated
 # ---------------------------------------------------------------------------------------------
 def _rss() -> int:
@@ -204,11 +271,46 @@ def test_accelerator_names() -> None:
     assert find_accelerator("a100-80gb").name == "NVIDIA A100 80GB"
     assert find_accelerator("A100 40GB").name == "NVIDIA A100 40GB"
     assert find_accelerator("RTX 4090").name == "NVIDIA RTX 4090"
-    assert find_accelerator("nvidia t4").memory == 15360 * MiB
-    assert find_accelerator("mi300x").memory == 192 * GiB
     assert find_accelerator("tpu") is None
     for acc in torchmagic.core.estimate_devices.ACCELERATORS:
         assert "datasheet" in acc.source or "specifications" in acc.source
+
+
+# torch.cuda.get_device_properties(i).total_memory (MiB) as published from real machines (torch's
+# printout of _CudaDeviceProperties, or CUDA's deviceQuery: the same cudaDeviceProp) and the
+# datasheet's memory of one device (GB) it must stay under
+TORCH_SEES = {
+    "t4": (15102, 16), "l4": (22518, 24), "a10g": (22587, 24), "l40s": (45589, 48),
+    "rtx4090": (24563, 24), "rtx3090": (24238, 24), "v100": (16144, 16),
+    "v100-32gb": (32494, 32), "a100": (40339, 40), "a100-80gb": (81049, 80),
+    "h100": (81089, 80), "h200": (143156, 141), "mi300x": (196592, 192),
+    "mi250x": (65520, 64),   # one GCD: PyTorch sees each of the MI250X's two dies as a device
+}
+
+
+@pytest.mark.parametrize("name", list(TORCH_SEES))
+def test_each_accelerator_is_one_pytorch_device(name: str) -> None:
+    acc = find_accelerator(name)
+    assert acc is not None
+    seen, datasheet_gb = TORCH_SEES[name]
+    assert acc.memory == seen * MiB
+    # what PyTorch sees of one device is never more than the datasheet's memory of one device
+    # (the driver keeps some; ECC takes its share on GDDR); a datasheet's GB of GPU memory are
+    # binary (the chips come in powers of two): 80 GB HBM3 is 81,920 MiB as nvidia-smi counts
+    assert acc.memory <= datasheet_gb * GiB
+    assert f"{seen:,} MiB" in acc.source
+
+
+def test_mi250x_verdict_is_for_one_die() -> None:
+    """A step needing 70 GiB does not fit on one MI250X device (a 64 GB die), but does on an
+    MI300X; the table verdict says so."""
+    from torchmagic.core.estimate_devices import fits_table
+
+    verdicts = {v.capacity.name: v for v in fits_table(70 * GiB, reserve=GiB)}
+    mi250x = next(v for name, v in verdicts.items() if "MI250X" in name)
+    assert "GCD" in mi250x.capacity.name and not mi250x.fits
+    assert mi250x.margin == 70 * GiB - (65520 * MiB - GiB)
+    assert verdicts["AMD MI300X"].fits
 
 
 def test_verdict_against_memory_and_reserve() -> None:
@@ -225,6 +327,78 @@ def test_verdict_against_memory_and_reserve() -> None:
                                        reserve=0, what_if=False)
     assert not tight.fits and tight.verdict.margin == 1
     assert tight.alternatives == []
+
+
+def test_default_reserve_scales_with_a_given_memory() -> None:
+    """Without reserve=, a given memory keeps the smaller of 1 GiB and an eighth of it: 1 GiB of
+    memory is not eaten by a reserve meant for a big GPU's CUDA context."""
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+    x = torch.randn(64, 1024)
+    ref = real_peak(model, (x,), {}, True, mean_loss,
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=True))["total"]
+    est = torchmagic.estimate_memory(model, x, train=True, optimizer="sgd", memory="1GiB",
+                                     trace_device="cpu")
+    cap = est.verdict.capacity
+    assert cap.total == GiB and cap.reserve == GiB // 8 and cap.usable == GiB - GiB // 8
+    assert "eighth" in cap.reserve_source
+    assert est.fits and est.verdict.margin == GiB - GiB // 8 - ref
+    assert est.alternatives == [] and not any("sharding" in n for n in est.notes)
+    # a big memory keeps the full 1 GiB; a device keeps 1 GiB; reserve= is taken as given
+    big = torchmagic.estimate_memory(model, x, memory="64GiB", what_if=False)
+    assert big.verdict.capacity.reserve == GiB
+    t4 = torchmagic.estimate_memory(model, x, device="t4", what_if=False)
+    assert t4.verdict.capacity.reserve == GiB and "CUDA context" in t4.verdict.capacity.reserve_source
+    given = torchmagic.estimate_memory(model, x, memory="1GiB", reserve="300MiB", what_if=False)
+    assert given.verdict.capacity.reserve == 300 * MiB
+    assert given.verdict.capacity.reserve_source == "given (reserve=)"
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"memory": "1GiB", "reserve": "1GiB"}, "reserve=1GiB leaves nothing of memory=1GiB"),
+    ({"memory": "1GiB", "reserve": "2GiB"}, "reserve=2GiB leaves nothing of memory=1GiB"),
+    ({"memory": 1000, "reserve": 1000}, "reserve=1,000 leaves nothing of memory=1,000"),
+    ({"device": "t4", "reserve": "20GiB"}, "reserve=20GiB leaves nothing of NVIDIA T4's 15,102 MiB"),
+])
+def test_reserve_that_leaves_nothing_is_refused(kwargs: dict, expected: str) -> None:
+    with pytest.raises(TorchMagicError) as info:
+        torchmagic.estimate_memory(mlp(), torch.randn(4, 32), **kwargs)
+    msg = str(info.value)
+    assert msg.startswith(expected) and "give a smaller reserve" in msg and "\n" not in msg
+    # one byte less is allowed: one byte usable
+    if "memory" in kwargs and kwargs["memory"] == 1000:
+        est = torchmagic.estimate_memory(mlp(), torch.randn(4, 32), memory=1000, reserve=999,
+                                         what_if=False)
+        assert est.verdict.capacity.usable == 1
+
+
+def test_sharding_note_says_what_does_not_shard() -> None:
+    """No sharding row: a note only when the step does not fit, with the figures that explain it:
+    the whole model (no repeated blocks) gathered with its gradients is more than the usable."""
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+    x = torch.randn(64, 1024)
+    P = sum(p.numel() * 4 for p in model.parameters())
+    base = torchmagic.estimate_memory(model, x, train=True, optimizer="sgd", what_if=False,
+                                      trace_device="cpu")
+    # fits as it is (what_if forced): nothing to explain, though no number of GPUs fits either
+    fits = torchmagic.estimate_memory(model, x, train=True, optimizer="sgd", what_if=True,
+                                      memory=base.peak_bytes, reserve=0, trace_device="cpu")
+    assert fits.fits and not any(a.option.startswith("fully_shard") for a in fits.alternatives)
+    assert not any("sharding" in n for n in fits.notes)
+    # does not fit: the gathered model and its gradients (2 P) alone exceed the usable memory
+    tight = torchmagic.estimate_memory(model, x, train=True, optimizer="sgd",
+                                       memory=2 * P - 1, reserve=0, trace_device="cpu")
+    assert not tight.fits
+    note = next(n for n in tight.notes if n.startswith("sharding over up to 1024 GPUs"))
+    assert "the whole model (no repeated blocks to wrap) all-gathered with its gradients " \
+           "(64.0 MiB)" in note and "activations of one GPU's batch alone" not in note
+    # nothing usable (a reserve as large as the memory, refused above) or no capacity: no note
+    from torchmagic.core.estimate_trace import StepSpec, optimizer_spec, trace_step
+    from torchmagic.core.estimate_whatif import sharding_note
+
+    trace = trace_step(model, (x,), {}, StepSpec(train=True, optimizer=optimizer_spec("sgd")))
+    assert sharding_note(trace, model, None, True, 0, False) is None
+    assert sharding_note(trace, model, None, True, None, None) is None
+    assert sharding_note(trace, model, None, True, 2 * P - 1, False) == note
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA table")
@@ -249,8 +423,14 @@ def test_alternatives_are_each_traced() -> None:
     assert set(alts) == {"--dtype bf16", "--amp bf16", "--checkpointing", "--optimizer sgd",
                          "--batch 4"}   # no number of GPUs fits in 1 byte: no sharding row
     assert all(a.traced and a.fits is False for a in alts.values())
+    # only what a change alters is traced again; each equals the whole step traced with it
+    assert {o: a.how for o, a in alts.items()} == {
+        "--dtype bf16": "traced", "--amp bf16": "step from base",
+        "--checkpointing": "step from base", "--optimizer sgd": "optimizer swapped",
+        "--batch 4": "step from base"}
     for option, kwargs in (("--checkpointing", {"checkpointing": True}),
-                           ("--batch 4", {"batch": 4})):
+                           ("--batch 4", {"batch": 4}), ("--amp bf16", {"amp": "bf16"}),
+                           ("--dtype bf16", {"dtype": "bf16"})):
         alone = torchmagic.estimate_memory(gpt, ids, train=True, what_if=False, **kwargs)
         assert alts[option].peak_bytes == alone.peak_bytes, option
     # SGD without momentum keeps no state, bf16 halves the parameters
@@ -258,6 +438,46 @@ def test_alternatives_are_each_traced() -> None:
     assert sgd.by_kind["optimizer_state"] == 0 and alts["--optimizer sgd"].peak_bytes == \
         sgd.peak_bytes
     assert alts["--dtype bf16"].peak_bytes < base.peak_bytes
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd-momentum", "adagrad"])
+def test_derived_alternatives_equal_whole_traces(optimizer: str) -> None:
+    """The wide MLP's peak is in the optimizer step with AdamW and Adagrad (their sqrt
+    temporaries), in backward with SGD's in-place momentum: the alternatives that keep the step
+    take it from the first trace, SGD's step is traced alone; each equals the whole step traced
+    with the change."""
+    model = wide_mlp()
+    x = torch.randn(4, 1024)
+    base = torchmagic.estimate_memory(model, x, train=True, optimizer=optimizer, memory=1,
+                                      reserve=0, trace_device="cpu")
+    assert base.peak_phase == ("backward" if optimizer == "sgd-momentum" else "optimizer step")
+    alts = {a.option: a for a in base.alternatives}
+    assert alts["--amp bf16"].how == "step from base" and alts["--batch 2"].how == \
+        "step from base" and alts["--optimizer sgd"].how == "optimizer swapped"
+    for option, kwargs in (("--amp bf16", {"amp": "bf16"}), ("--batch 2", {"batch": 2}),
+                           ("--optimizer sgd", {"optimizer": "sgd"})):
+        alone = torchmagic.estimate_memory(model, x, train=True, what_if=False,
+                                           trace_device="cpu",
+                                           **{"optimizer": optimizer, **kwargs})
+        assert alts[option].peak_bytes == alone.peak_bytes, option
+    assert base.whatif_traces == 4 and base.whatif_seconds > 0
+
+
+def test_step_traced_alone_analytic() -> None:
+    """AdamW's step alone on the wide MLP's parameters: state exp_avg + exp_avg_sq + a float32
+    step count per parameter, and the sqrt of exp_avg_sq (P bytes) above the level before it."""
+    from torchmagic.core.estimate_trace import StepSpec, optimizer_spec, trace_optimizer_step
+    from torchmagic.core.estimate_whatif import optimizer_cost
+
+    model = wide_mlp()
+    params = list(model.parameters())
+    P = sum(p.numel() * 4 for p in params)
+    spec = StepSpec(train=True, optimizer=optimizer_spec("adamw"), foreach=True)
+    cost = optimizer_cost(trace_optimizer_step(model, spec))
+    assert cost.state == 2 * P + 4 * len(params) and cost.excess == P
+    sgd = optimizer_cost(trace_optimizer_step(model, StepSpec(
+        train=True, optimizer=optimizer_spec("sgd"), foreach=True)))
+    assert sgd.state == 0 and sgd.excess == 0   # in place: params -= lr * grads
 
 
 def test_sharding_arithmetic() -> None:
@@ -275,6 +495,25 @@ def test_sharding_arithmetic() -> None:
     shard = [a for a in need.alternatives if not a.traced][0]
     assert shard.change == "FSDP / ZeRO-3 over 2 GPUs"
     assert shard.peak_bytes == math.ceil(params / 2) + act_peak + block
+
+
+def test_sharding_divides_the_optimizer_steps_temporaries() -> None:
+    """Adam's step at its peak (32 small layers, batch 4): parameters, gradients, exp_avg and
+    exp_avg_sq, step counts and the sqrt of exp_avg_sq (made from the sharded state) / N; the
+    output (4 x 512 float32), the loss and the input stay; one layer is gathered with its
+    gradients."""
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(32)])
+    params = list(model.parameters())
+    P = sum(p.numel() * 4 for p in params)
+    est = torchmagic.estimate_memory(model, torch.randn(4, 512), train=True, what_if=True,
+                                     trace_device="cpu")
+    assert est.peak_op == "aten._foreach_sqrt"
+    shard = [a for a in est.alternatives if not a.traced]
+    assert len(shard) == 1 and "8 GPUs" in shard[0].change
+    states = P + P + (2 * P + 4 * len(params)) + P
+    block = (512 * 512 + 512) * 4
+    assert shard[0].peak_bytes == math.ceil(states / 8) + (4 * 512 * 4 + 4) + 4 * 512 * 4 + \
+        2 * block
 
 
 def test_max_batch_by_bisection_matches_real_peaks() -> None:

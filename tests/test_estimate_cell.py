@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from estimate_helpers import free_reference_cycles
+from estimate_helpers import free_reference_cycles, optimizer_state_bytes
 from statecheck import Snapshot, assert_released
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
@@ -54,11 +54,12 @@ def setup(trained: bool = True) -> dict:
     return {"torch": torch, "F": F, "gpt": gpt, "opt": opt, "ids": ids}
 
 
-def real_cell(ns: dict, source: str, warm_up: bool, reset_between: bool = False) -> dict:
+def real_cell(ns: dict, source: str, warm_up: bool, reset_between: bool = False,
+              model: str = "gpt", inputs: str = "ids") -> dict:
     """Run ``source`` for real on copies under MemTracker; the reference."""
-    gpt, opt = copy.deepcopy((ns["gpt"], ns["opt"]))   # one memo: opt updates this gpt
+    gpt, opt = copy.deepcopy((ns[model], ns["opt"]))   # one memo: opt updates this model
     assert opt.param_groups[0]["params"][0] is next(gpt.parameters())
-    for p, q in zip(ns["gpt"].parameters(), gpt.parameters()):
+    for p, q in zip(ns[model].parameters(), gpt.parameters()):
         q.grad = None if p.grad is None else p.grad.clone()
     if warm_up and not opt.state:
         saved = [p.grad for p in gpt.parameters()]
@@ -68,8 +69,8 @@ def real_cell(ns: dict, source: str, warm_up: bool, reset_between: bool = False)
         for p, g in zip(gpt.parameters(), saved):
             p.grad = g
     mt = MemTracker()
-    local = {**ns, "gpt": gpt, "opt": opt, "mt": mt}
-    mt.track_external(ns["ids"])
+    local = {**ns, model: gpt, "opt": opt, "mt": mt}
+    mt.track_external(ns[inputs])
     mt.track_external(gpt)
     mt.track_external(opt)
     with mt:
@@ -77,6 +78,13 @@ def real_cell(ns: dict, source: str, warm_up: bool, reset_between: bool = False)
     snap = mt.get_tracker_snapshot("peak")[torch.device("cpu")]
     ref = {k: int(snap[_MemRefType(v)]) for k, v in REFS.items()}
     ref["total"] = int(snap["Total"])
+    # MemTracker files what opt.step() allocates as optimizer state, its temporaries too; the
+    # state is what opt.state holds, all of it live at a peak that holds any (torch's optimizers
+    # make their state first thing in the step)
+    state = optimizer_state_bytes(opt)
+    if ref["optimizer_state"] >= state:
+        ref["temporaries"] += ref["optimizer_state"] - state
+        ref["optimizer_state"] = state
     return ref
 
 
@@ -103,6 +111,25 @@ def test_first_step_measures_the_fresh_optimizer() -> None:
     assert_within_1pct(est, real_cell(ns, STEP, warm_up=False))
     steady = estimate_cell(STEP, ns)
     assert steady.peak_bytes > est.peak_bytes
+
+
+@pytest.mark.parametrize("first_step", [False, True], ids=["steady", "first-step"])
+def test_cell_adam_state_and_step_temporaries_analytic(first_step: bool) -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+    ns = {"mlp": mlp, "opt": torch.optim.AdamW(mlp.parameters(), foreach=True),
+          "x": torch.randn(4, 1024), "torch": torch}
+    cell = "mlp(x).mean().backward()\nopt.step()\nopt.zero_grad()\n"
+    est = estimate_cell(cell, ns, first_step=first_step)
+    params = list(mlp.parameters())
+    P = sum(p.numel() * p.element_size() for p in params)
+    assert est.peak_phase == "optimizer step" and est.peak_op == "aten._foreach_sqrt"
+    # exp_avg, exp_avg_sq and a float32 step count per parameter; the sqrt: a temporary
+    assert est.by_kind["optimizer_state"] == 2 * P + 4 * len(params)
+    assert est.by_kind["temporaries"] == P
+    assert est.by_kind["parameters"] == P and est.by_kind["gradients"] == P
+    ref = real_cell(ns, cell, warm_up=not first_step, model="mlp", inputs="x")
+    assert est.by_kind == {k: ref[k] for k in KINDS} and est.peak_bytes == ref["total"]
 
 
 def test_gradient_accumulation_micro_steps() -> None:

@@ -104,3 +104,28 @@ def test_verdict_uses_this_device() -> None:
     assert est.verdict is not None and est.verdict.capacity.total == props.total_memory
     print(f"\n[estimate vs cuda] {props.name}: total_memory {props.total_memory:,} bytes "
           f"({props.total_memory / 2**30:.2f} GiB)")
+
+
+# device names as torch.cuda.get_device_name() gives them -> the table entry that stands for them
+TABLE_ENTRY = {
+    "NVIDIA H200": "h200", "NVIDIA H100 80GB HBM3": "h100", "NVIDIA A100-SXM4-80GB": "a100-80gb",
+    "NVIDIA A100 80GB PCIe": "a100-80gb", "NVIDIA A100-SXM4-40GB": "a100", "Tesla T4": "t4",
+    "NVIDIA L4": "l4", "NVIDIA A10G": "a10g", "NVIDIA L40S": "l40s",
+    "NVIDIA GeForce RTX 4090": "rtx4090", "NVIDIA GeForce RTX 3090": "rtx3090",
+    "Tesla V100-SXM2-16GB": "v100", "Tesla V100-SXM2-32GB": "v100-32gb",
+}
+
+
+def test_table_entry_is_what_this_device_reports() -> None:
+    """The accelerator table holds what torch.cuda.get_device_properties reports for one device
+    (within 1%: drivers differ by tens of MiB)."""
+    from torchmagic.core.estimate_devices import find_accelerator
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    name = TABLE_ENTRY.get(props.name)
+    if name is None:
+        pytest.skip(f"{props.name} has no entry in the table")
+    acc = find_accelerator(name)
+    print(f"\n[estimate vs cuda] {props.name}: total_memory {props.total_memory / MiB:,.0f} MiB, "
+          f"table ({acc.name}) {acc.memory / MiB:,.0f} MiB")
+    assert abs(acc.memory - props.total_memory) <= 0.01 * props.total_memory

@@ -89,6 +89,20 @@ def test_options_reach_the_core(ip, ns) -> None:
     assert e.by_kind["optimizer_state"] == 0
 
 
+def test_small_memory_keeps_most_of_itself_usable(ip, ns) -> None:
+    """--memory without --reserve: the reserve is the smaller of 1 GiB and an eighth of the
+    memory, and the report says so."""
+    ns["mlp"] = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(),
+                                    torch.nn.Linear(4096, 1024))
+    ns["x"] = torch.randn(64, 1024)
+    _, shown = run(ip, "estimate mlp x --train --optimizer sgd --memory 1GiB -o s")
+    flat = " ".join(shown.split())
+    assert "FITS on 1GiB of memory: 1.0 GiB, 128.0 MiB reserved -> 896.0 MiB usable" in flat
+    assert "the smaller of 1 GiB and an eighth of it" in flat
+    assert "needs" not in flat and "sharding" not in flat
+    assert ns["s"].verdict.capacity.reserve == 2**30 // 8
+
+
 def test_max_batch_progress_line(ip, ns, monkeypatch) -> None:
     import torchmagic.display.live as live
 
@@ -105,6 +119,33 @@ def test_max_batch_progress_line(ip, ns, monkeypatch) -> None:
     _, shown = run(ip, "estimate gpt ids --train --memory 20MiB --reserve 0 --max-batch "
                        "--no-what-if")
     assert "searching" not in shown and "Largest batch that fits" in shown
+
+
+def test_terminal_status_line_while_tracing(ip, ns, monkeypatch) -> None:
+    """In a terminal, a long estimate shows one status line rewritten in place: the trace running
+    (the step, then each what-if), its phase and ops so far; it is erased before the report, so
+    the report that stays on the screen is the plain result."""
+    import torchmagic.core.estimate_trace as estimate_trace
+    import torchmagic.display.live as live
+
+    monkeypatch.setattr(live, "_where", lambda: "terminal")
+    real_live = live.live
+    monkeypatch.setattr(live, "live", lambda title, delay=0.0, **kw: real_live(
+        title, 0.0, interval=0.0))
+    monkeypatch.setattr(estimate_trace, "HEARTBEAT_OPS", 64)   # a small model's few hundred ops
+    _, shown = run(ip, "estimate gpt ids --train --memory 1MiB --reserve 0 -o w")
+    status = [part for part in shown.split("\r") if part.startswith("%estimate: trace")]
+    assert "%estimate: trace 1: the training step: forward, 64 ops" in status
+    assert any(s.startswith("%estimate: trace 1: the training step: backward, ") for s in status)
+    changes = [a.change for a in ns["w"].alternatives if a.how != "arithmetic"]
+    for i, change in enumerate(changes):
+        assert any(s.startswith(f"%estimate: trace {i + 2}: what if {change} ({i + 1} of "
+                                f"{len(changes)})") for s in status), change
+    # what stays: the status line overwritten by blanks, then the report alone
+    last = shown.split("\r")[-1]
+    assert shown.split("\r")[-2].strip() == "" and last.startswith("Memory estimate: gpt")
+    assert "%estimate: trace" not in last
+    assert f"what-if: {ns['w'].whatif_traces} more traces" in " ".join(last.split())
 
 
 def test_cell_magic(ip, ns) -> None:
@@ -127,6 +168,12 @@ def test_cell_magic(ip, ns) -> None:
     ("estimate gpt ids --device tpu9", None, "unknown accelerator 'tpu9'"),
     ("estimate gpt ids --memory lots", None, "size like 80GiB"),
     ("estimate gpt ids --max-batch", None, "needs a memory to fit in"),
+    ("estimate gpt ids --memory 1GiB --reserve 1GiB", None,
+     "%estimate: --reserve 1GiB leaves nothing of --memory 1GiB: "),
+    ("estimate gpt ids --device t4 --reserve 16GiB", None,
+     "--reserve 16GiB leaves nothing of NVIDIA T4's 15,102 MiB"),
+    ("estimate --memory 64MiB --reserve 64MiB", "x = gpt(ids)",
+     "%%estimate: --reserve 64MiB leaves nothing of --memory 64MiB"),
     ("estimate gpt ids --first-step", None, "--first-step applies to %%estimate"),
     ("estimate gpt (4,32) --dtypes long --batch x", None, "argument --batch"),
     ("estimate gpt ids -o 1x", None, "-o needs a variable name"),

@@ -9,7 +9,8 @@ backward, optimizer step), the module and the op running then. A 70B Llama train
 bf16, batch 1 x 4096) is estimated in seconds with no weight allocated.
 
 The verdict (:mod:`torchmagic.core.estimate_devices`) compares the peak plus a reserve (the CUDA
-context and workspaces PyTorch does not allocate itself; default 1 GiB) with the device's memory:
+context and workspaces PyTorch does not allocate itself; default 1 GiB, for a ``memory=`` the
+smaller of 1 GiB and an eighth of it) with the device's memory:
 the current CUDA device, a named accelerator (``"H100"``, ``"a100-40gb"``, ``"T4"``...) or
 ``memory=``. Without either (no CUDA here) every accelerator of the table gets its own verdict.
 What would change it (:mod:`torchmagic.core.estimate_whatif`): bf16 weights, autocast, activation
@@ -44,14 +45,18 @@ from torchmagic.core.estimate_trace import (
     Trace,
     optimizer_spec,
     repeated_blocks,
+    trace_optimizer_step,
     trace_step,
 )
 from torchmagic.core.estimate_whatif import (
     Alternative,
     Progress,
     batch_size,
+    peak_with_step,
     search_max_batch,
     sharding_alternative,
+    sharding_note,
+    step_cost,
     traced_alternatives,
     with_batch,
 )
@@ -134,6 +139,12 @@ class MemoryEstimate(Result):
     (None without one); ``fits_on``: against every accelerator of the table when no device was
     given; ``alternatives``: what would change the verdict; ``max_batch``: the largest batch that
     fits (``max_batch=True``; 0: not even 1).
+
+    Time (wall seconds): ``ops`` and ``trace_seconds`` are the first trace's (the step reported);
+    ``whatif_traces``/``whatif_seconds`` count the traces the alternatives made (a whole step, a
+    step without its optimizer step, or an optimizer step alone: see
+    :func:`~torchmagic.core.estimate_whatif.traced_alternatives`), ``batch_traces``/
+    ``batch_seconds`` those of the largest-batch search; ``seconds``: the whole call.
     """
 
     _display_module = "torchmagic.display.estimate"
@@ -168,6 +179,11 @@ class MemoryEstimate(Result):
     by_device: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    trace_seconds: float = 0.0
+    whatif_traces: int = 0
+    whatif_seconds: float = 0.0
+    batch_traces: int = 0
+    batch_seconds: float = 0.0
 
     @property
     def fits(self) -> bool | None:
@@ -321,9 +337,14 @@ def estimate_memory(
     ``device``: ``"cuda"``/``"cuda:N"`` (this machine's device) or an accelerator name from
     :data:`~torchmagic.core.estimate_devices.ACCELERATORS`; ``memory``: a size (``"80GiB"``,
     ``"24GB"``, bytes) to check against instead; ``reserve``: left free for the CUDA context and
-    workspaces (default 1 GiB). ``max_batch``: also find the largest batch that fits (needs a
+    workspaces (default 1 GiB; with ``memory``, the smaller of 1 GiB and an eighth of it, so a
+    small budget is not eaten by a reserve meant for a big GPU; a reserve that leaves nothing of
+    the memory is refused). ``max_batch``: also find the largest batch that fits (needs a
     capacity). ``what_if``: trace the alternatives (None: only when it does not fit). ``top``:
-    modules listed by activation bytes. ``progress``: called with a dict at each stage.
+    modules listed by activation bytes. ``progress``: called with a dict at each stage
+    (``"stage"``: ``"trace"`` the step, ``"what-if"`` each alternative, ``"max-batch"`` each
+    batch tried, and ``"ops"`` every 512 ops of a running trace, with its ``"phase"`` and
+    ``"ops"`` so far).
     ``trace_device``: the device whose kernels the fake step imitates (which tensors attention
     and the optimizer keep, CUDA's 512-byte allocation rounding): ``"cuda"`` (the default when
     CUDA is available) or ``"cpu"``.
@@ -376,14 +397,33 @@ def estimate_memory(
     spec = StepSpec(train=bool(train), optimizer=opt_spec, foreach=True, dtype=w_dtype,
                     amp=a_dtype, checkpointing=bool(checkpointing), loss=loss, device=sim)
 
-    def run(s: StepSpec, b: int | None) -> Trace:
+    counts = {"what-if": [0, 0.0], "max-batch": [0, 0.0]}   # stage -> [traces, seconds]
+    stage = ["trace"]
+
+    def heartbeat(ops: int, phase: str) -> None:
+        if progress is not None:
+            progress({"stage": "ops", "of": stage[0], "ops": ops, "phase": phase})
+
+    def run(s: StepSpec, b: int | None, optimizer_step: bool = True) -> Trace:
         a, k = ((args, kwargs) if b is None or b == current_batch
                 else with_batch(args, kwargs, b, bdim))
-        return trace_step(model, a, k, s, name)
+        tr = trace_step(model, a, k, s, name, optimizer_step=optimizer_step,
+                        heartbeat=heartbeat)
+        if stage[0] in counts:
+            counts[stage[0]][0] += 1
+            counts[stage[0]][1] += tr.seconds
+        return tr
+
+    def step_run(s: StepSpec) -> Trace:
+        tr = trace_optimizer_step(model, s)
+        counts[stage[0]][0] += 1
+        counts[stage[0]][1] += tr.seconds
+        return tr
 
     if progress is not None:
         progress({"stage": "trace", "what": "training step" if train else "inference"})
     trace = run(spec, None)
+    cost = step_cost(trace) if train else None
 
     from torchmagic.core.tracing import format_shapes
 
@@ -418,23 +458,35 @@ def estimate_memory(
 
     if max_batch:
         assert capacity is not None and current_batch is not None
-        best, trials = search_max_batch(lambda b: run(spec, b).peak_bytes, capacity.usable,
-                                        current_batch, trace.peak_bytes, progress)
+        stage[0] = "max-batch"
+
+        def peak_at(b: int) -> int:
+            # training: forward and backward traced, the optimizer step from the first trace
+            if cost is not None:
+                return peak_with_step(run(spec, b, False), cost)
+            return run(spec, b).peak_bytes
+
+        best, trials = search_max_batch(peak_at, capacity.usable, current_batch,
+                                        trace.peak_bytes, progress)
         result.max_batch, result.batch_trials = best, trials
     want = what_if if what_if is not None else (result.verdict is not None
                                                 and not result.verdict.fits)
     if want:
+        stage[0] = "what-if"
         alts, notes = traced_alternatives(run, spec, weights, current_batch, found is not None,
-                                          usable,
-                                          progress)
+                                          usable, progress, base=trace, step_run=step_run)
         shard = sharding_alternative(trace, model, w_dtype, bool(train), usable)
         if shard is not None:
             alts.append(shard)
-        elif usable is not None:
-            notes.append("sharding over up to 1024 GPUs does not make it fit: the activations of "
-                         "one GPU's batch alone are too large")
+        else:
+            why = sharding_note(trace, model, w_dtype, bool(train), usable, result.fits)
+            if why is not None:
+                notes.append(why)
         result.alternatives = alts
         result.notes.extend(notes)
+    result.trace_seconds = trace.seconds
+    result.whatif_traces, result.whatif_seconds = counts["what-if"]
+    result.batch_traces, result.batch_seconds = counts["max-batch"]
     result.seconds = time.perf_counter() - started
     return result
 

@@ -35,7 +35,7 @@ from torchmagic.core.errors import ForwardError, TorchMagicError
 from torchmagic.core.estimate import MemoryEstimate, fill_from_trace, judge
 from torchmagic.core.estimate_devices import DEFAULT_RESERVE, parse_bytes, resolve_capacity
 from torchmagic.core.estimate_trace import PHASES, collect_trace, tracker_class
-from torchmagic.core.estimate_whatif import sharding_alternative
+from torchmagic.core.estimate_whatif import sharding_alternative, sharding_note
 from torchmagic.core.state import quiet_fake_tensor_log
 
 
@@ -246,14 +246,16 @@ def estimate_cell(source: str, namespace: dict[str, Any], *, device: Any = None,
                                                 and not result.verdict.fits)
     if want and roots:
         biggest = max(roots.values(), key=lambda m: sum(p.numel() for p in m.parameters()))
-        alt = sharding_alternative(trace, biggest, None, train,
-                                   capacity.usable if capacity is not None else None)
+        usable = capacity.usable if capacity is not None else None
+        alt = sharding_alternative(trace, biggest, None, train, usable)
         if alt is not None:
             result.alternatives.append(alt)
-        elif capacity is not None:
-            result.notes.append("sharding over up to 1024 GPUs does not make it fit: the "
-                                "activations of one GPU's batch alone are too large")
+        else:
+            why = sharding_note(trace, biggest, None, train, usable, result.fits)
+            if why is not None:
+                result.notes.append(why)
     result.seconds = time.perf_counter() - started
+    result.trace_seconds = result.seconds   # one trace: the cell's
     return result
 
 

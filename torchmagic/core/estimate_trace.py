@@ -6,15 +6,20 @@ data), the inputs become fake tensors of the same mode, the optimizer is created
 parameters inside the mode, and the step runs under
 ``torch.distributed._tools.mem_tracker.MemTracker``, which attributes every live byte to parameters,
 buffers, gradients, optimizer state, activations, temporaries or "other" (here: the inputs). Its
-figures on fake tensors are the ones it measures on real tensors (the tests compare the two).
+figures on fake tensors are the ones it measures on real tensors (the tests compare the two), with
+one change of label: ``MemTracker`` files everything ``optimizer.step()`` allocates as optimizer
+state; here what the step allocates is a temporary (Adam's ``_foreach_sqrt`` of ``exp_avg_sq``, the
+size of the parameters) and only the tensors ``optimizer.state`` holds when the step ends
+(``exp_avg``, ``exp_avg_sq``, ``step``, ``momentum_buffer``) are optimizer state, from the op that
+made them on. The totals are ``MemTracker``'s.
 
 :class:`StepTracker` is ``MemTracker`` plus what the report needs: the live bytes by kind after
 every op (the timeline), where the peak happened (phase, innermost module, op), and the activation
 bytes held by each module at the moment activations peak (where checkpointing pays). It drops
 what the report does not use and costs most: ``MemTracker``'s per-module peak snapshots (a scan of
 every module seen so far after every op, quadratic in model depth: a 70B Llama step took 100 s)
-and its DTensor handling; the bytes by kind are ``MemTracker``'s own (the tests compare them with
-a plain ``MemTracker``).
+and its DTensor handling; the bytes by kind are ``MemTracker``'s own but for the step's
+temporaries (the tests compare them with a plain ``MemTracker`` and ``optimizer.state``).
 
 The step (``train=True``): forward, loss, backward, optimizer step, ``zero_grad(set_to_none=True)``;
 the output and the loss stay referenced until the step ends, as in a training loop's body. The
@@ -29,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +53,8 @@ KIND_LABELS = {"parameters": "parameters", "buffers": "buffers", "gradients": "g
 _REF_NAMES = ("Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp", "Other")
 PHASES = ("setup", "forward", "loss", "backward", "optimizer step")
 _PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
+_STEP = _PHASE_INDEX["optimizer step"]
+HEARTBEAT_OPS = 512      # a trace's heartbeat (progress) every this many ops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +119,8 @@ def tracker_class() -> type:
     refs = [_MemRefType(v) for v in _REF_NAMES]
     act, opt_ref, temp_ref = _MemRefType.ACT, _MemRefType.OPT, _MemRefType.TEMP
     prim_device = torch.ops.prim.device.default
+    meta_device = torch.device("meta")
+    from torch._subclasses.fake_tensor import FakeTensor as fake_tensor_cls
 
     class StepTracker(MemTracker):
         """``MemTracker`` that also records the timeline, the peak's place and activations by
@@ -128,6 +138,14 @@ def tracker_class() -> type:
             self._act_live: dict[str | None, int] = {}
             self._act_total = 0
             self._func: Any = None
+            # optimizer state made inside a step: (first sample holding it, first sample after
+            # the step relabelled it optimizer state, bytes); see _update_snap
+            self.state_made: list[tuple[int, int, int]] = []
+            # samples of the optimizer step: index -> (module, op) (the step's peak can move
+            # once the state made inside it is counted from the start, see collect_trace)
+            self.step_where: dict[int, tuple[str | None, str | None]] = {}
+            self.backward_end: int | None = None   # the sample taken when backward ended
+            self.heartbeat: Callable[[int, str], None] | None = None
             self._mod_tracker = LeakFreeModTracker()
             for mod, name in (names or {}).items():
                 self._mod_tracker._known_modules[mod] = name
@@ -152,13 +170,21 @@ def tracker_class() -> type:
             # MemTracker's own, without what torchmagic never meets (DTensor propagation, fake
             # collectives under a second fake mode), which costs a third of the tracing time
             if func is prim_device:   # a device query (autograd asks it per node): no memory
+                t = args[0] if len(args) == 1 else None
+                if type(t) is fake_tensor_cls:
+                    # FakeTensor's own answer (fake_tensor._device_handler), without a trip
+                    # through the fake mode's dispatch: a tenth of a trace's time
+                    return meta_device if t.fake_mode.in_kernel_invocation else t.fake_device
                 return func(*args, **(kwargs or {}))
             if any(getattr(t, "__name__", "") == "DTensor" for t in types):
                 return NotImplemented
             self._func = func
             res = func(*args, **(kwargs or {}))
             if self._in_opt:
-                reftype = opt_ref
+                # MemTracker labels everything a step allocates optimizer state; it is a
+                # temporary (exp_avg_sq's sqrt) until the step ends, when MemTracker's post-step
+                # hook relabels the tensors held in optimizer.state (see _update_snap)
+                reftype = temp_ref
             elif self._mod_tracker.is_bw and not self._in_ac:
                 reftype = temp_ref
             else:
@@ -179,6 +205,18 @@ def tracker_class() -> type:
                          old_reftype: Any = None) -> None:
             super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
             kind = u_type.name
+            if self._in_opt:
+                if kind == "ADD":
+                    # made inside the step: a temporary; or state met first by the post-step hook
+                    winfo._tm_born = len(self.samples)
+                    if winfo.reftype == opt_ref:
+                        self.state_made.append((len(self.samples), len(self.samples),
+                                                winfo.mem_consumed))
+                elif kind == "REF" and old_reftype == temp_ref and winfo.reftype == opt_ref and \
+                        hasattr(winfo, "_tm_born"):
+                    # the post-step hook found it in optimizer.state: state from its birth on
+                    self.state_made.append((winfo._tm_born, len(self.samples),
+                                            winfo.mem_consumed))
             if kind == "ADD":
                 if winfo.reftype == act:
                     winfo._tm_module = self.module_now()
@@ -253,16 +291,26 @@ def tracker_class() -> type:
             phase = self.phase()
             index = _PHASE_INDEX.get(phase, 0)
             self.samples.append((index, total, *kinds))
+            if self.heartbeat is not None and len(self.samples) % HEARTBEAT_OPS == 0:
+                self.heartbeat(len(self.samples), phase)
             best = self.phase_max.get(index)
-            if best is None or total > best[0]:
-                func = self._func
-                op = str(func.overloadpacket) if func is not None and \
-                    hasattr(func, "overloadpacket") else None
-                self.phase_max[index] = (total, len(self.samples) - 1, self.module_now(), op)
+            if index == _STEP:
+                where = (self.module_now(), self.op_now())
+                self.step_where[len(self.samples) - 1] = where
+                if best is None or total > best[0]:
+                    self.phase_max[index] = (total, len(self.samples) - 1, *where)
+            elif best is None or total > best[0]:
+                self.phase_max[index] = (total, len(self.samples) - 1, self.module_now(),
+                                         self.op_now())
             if self._act_total > self.act_peak:
                 self.act_peak = self._act_total
                 self.act_peak_phase = phase
                 self.act_peak_modules = {k: v for k, v in self._act_live.items() if v > 0}
+
+        def op_now(self) -> str | None:
+            func = self._func
+            return str(func.overloadpacket) if func is not None and \
+                hasattr(func, "overloadpacket") else None
 
         def device_peaks(self) -> dict[str, int]:
             return {str(dev): int(v) for dev, v in self._peak_mem.items()}
@@ -546,6 +594,9 @@ class Trace:
     by_device: dict[str, int]
     loss: str = ""
     notes: list[str] = field(default_factory=list)
+    step_start: int | None = None      # the first sample of the optimizer step (None: no step)
+    backward_end: int | None = None    # the sample taken when backward ended (None: no backward)
+    seconds: float = 0.0               # wall time of the trace
 
 
 def _optimizer_failure(label: str, exc: BaseException) -> str:
@@ -586,10 +637,14 @@ def _forward_failure(exc: BaseException, tracer: Any, name: str) -> ForwardError
 
 
 def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], spec: StepSpec,
-               name: str = "model") -> Trace:
+               name: str = "model", optimizer_step: bool = True,
+               heartbeat: Callable[[int, str], None] | None = None) -> Trace:
     """Trace one step of ``model`` on fake tensors (see the module docstring).
 
     ``args``/``kwargs``: the inputs (real or meta tensors; only their shapes and dtypes are read).
+    ``optimizer_step=False`` (training): forward, loss and backward only, no optimizer (see
+    :func:`torchmagic.core.estimate_whatif.peak_with_step`). ``heartbeat(ops, phase)`` is called
+    every :data:`HEARTBEAT_OPS` ops (progress of a long trace).
     Raises :class:`ForwardError` naming the failing module when the model fails, and
     :class:`TorchMagicError` for unusable settings. Global torch state is restored on every path.
     """
@@ -599,6 +654,7 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
     from torchmagic.core.state import preserved_global_state, quiet_fake_tensor_log
     from torchmagic.core.tracing import ModuleTracer, trace_modules
 
+    started = time.perf_counter()
     cls = tracker_class()
     notes: list[str] = []
     with preserved_global_state(), quiet_fake_tensor_log():
@@ -616,9 +672,11 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
                                       "False): a training step updates nothing; estimate the "
                                       "inference instead")
             assert spec.optimizer is not None
-            with mode:
-                opt = spec.optimizer.make(trainable, spec.foreach)
+            if optimizer_step:
+                with mode:
+                    opt = spec.optimizer.make(trainable, spec.foreach)
         tracker = cls({fake: name})
+        tracker.heartbeat = heartbeat
         from torch.utils._pytree import tree_flatten
 
         tracker.track_external(*[t for t in tree_flatten((f_args, f_kwargs))[0]
@@ -645,15 +703,16 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
                         tracker.label = "backward"
                         loss.backward()
                         tracker.sample()
-                        assert opt is not None
-                        tracker.label = "optimizer step"   # also ops around the hooks
-                        try:
-                            opt.step()
-                        except Exception as exc:  # noqa: BLE001 - the optimizer's own step
-                            raise TorchMagicError(_optimizer_failure(spec.optimizer.label, exc)) \
-                                from None
-                        tracker.sample()
-                        opt.zero_grad(set_to_none=True)
+                        tracker.backward_end = len(tracker.samples) - 1
+                        if opt is not None:
+                            tracker.label = "optimizer step"   # also ops around the hooks
+                            try:
+                                opt.step()
+                            except Exception as exc:  # noqa: BLE001 - the optimizer's own step
+                                raise TorchMagicError(_optimizer_failure(spec.optimizer.label,
+                                                                         exc)) from None
+                            tracker.sample()
+                            opt.zero_grad(set_to_none=True)
                         del loss
                     del out
                 tracker.sample()
@@ -661,52 +720,135 @@ def trace_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
             raise
         except Exception as exc:
             raise _forward_failure(exc, mtracer, name) from exc
-    return collect_trace(tracker, loss_desc, notes, steady_state=spec.train)
+    trace = collect_trace(tracker, loss_desc, notes, steady_state=spec.train)
+    trace.seconds = time.perf_counter() - started
+    return trace
+
+
+def trace_optimizer_step(model: nn.Module, spec: StepSpec) -> Trace:
+    """Trace ``spec.optimizer``'s step alone, on fake twins of ``model``'s trainable parameters
+    (in ``spec.dtype`` when given) with gradients, as in any step after the first (its state
+    counted from the start): what the step holds and allocates, without a forward or backward.
+    The samples are all in the optimizer step; the first is the level before it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchmagic.core.state import preserved_global_state, quiet_fake_tensor_log
+
+    started = time.perf_counter()
+    assert spec.optimizer is not None
+    with preserved_global_state(), quiet_fake_tensor_log():
+        mode = FakeTensorMode()
+        unique = {id(p): p for p in model.parameters() if p.requires_grad}
+        params = [fake_like(p, mode, spec.device, spec.dtype) for p in unique.values()]
+        with mode:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt = spec.optimizer.make(params, spec.foreach)
+        tracker = tracker_class()({})
+        tracker.track_external(*params, *[p.grad for p in params])
+        tracker.track_external(opt)
+        with mode, tracker:
+            tracker.label = "optimizer step"
+            tracker.sample()
+            try:
+                opt.step()
+            except Exception as exc:  # noqa: BLE001 - the optimizer's own step
+                raise TorchMagicError(_optimizer_failure(spec.optimizer.label, exc)) from None
+            tracker.sample()
+    trace = collect_trace(tracker, "", [], steady_state=True)
+    trace.seconds = time.perf_counter() - started
+    return trace
 
 
 def collect_trace(tracker: Any, loss_desc: str, notes: list[str],
                   steady_state: bool = False) -> Trace:
     """The :class:`Trace` of a finished tracker.
 
+    What a step allocates is a temporary until the step ends; the tensors left in
+    ``optimizer.state`` then (``exp_avg``, ``exp_avg_sq``, ``step``, ``momentum_buffer``) are
+    optimizer state from the op that made them on (``StepTracker.state_made``): torch's
+    ``MemTracker`` itself files every allocation of the step as optimizer state, so its
+    ``_foreach_sqrt`` temporary of Adam (the size of the parameters) counted as state; the totals
+    are the same.
+
     ``steady_state``: the step was an optimizer's first (its state is made inside ``step()``,
-    before any update: torch's optimizers create all of it in ``_init_group``); every sample before
-    the optimizer step gets the state made during the step added, as in any later step, when the
-    state exists from the start. The optimizer step itself already holds all of it."""
+    before any update: torch's optimizers create all of it in ``_init_group``); every sample
+    before the op that made a state tensor gets that tensor added (optimizer state and total), as
+    in any later step, where the state exists from the start."""
     samples = tracker.samples
+    n = len(samples)
     i_opt = 2 + KINDS.index("optimizer_state")
-    step = _PHASE_INDEX["optimizer step"]
+    i_tmp = 2 + KINDS.index("temporaries")
+    made = list(getattr(tracker, "state_made", ()))
+    move = [0] * (n + 1)      # bytes of state filed as temporaries (moved to optimizer state)
+    add = [0] * (n + 1)       # bytes of state not made yet (steady state: added)
     added = 0
-    if steady_state and samples:
-        added = max(0, samples[-1][i_opt] - samples[0][i_opt])
-    if added:
-        samples = [s if s[0] >= step else
-                   (s[0], s[1] + added, *s[2:i_opt], s[i_opt] + added, *s[i_opt + 1:])
-                   for s in samples]
+    for born, relabelled, size in made:
+        born, relabelled = min(born, n), min(relabelled, n)
+        move[born] += size
+        move[relabelled] -= size
+        if steady_state:
+            add[0] += size
+            add[born] -= size
+            added += size
+    if made:
+        fixed = []
+        m = a = 0
+        for i, s in enumerate(samples):
+            m += move[i]
+            a += add[i]
+            fixed.append(_shift(s, i_opt, i_tmp, m, a) if m or a else s)
+        samples = fixed
+    # each phase's largest sample (the first of equals): samples only move up by the state not
+    # made yet, uniformly before the step, so only the step's own maximum can move
+    where = dict(getattr(tracker, "step_where", {}))
+    phase_best: dict[int, tuple[int, int, str | None, str | None]] = {}
+    for index, (total, sample, module, op) in tracker.phase_max.items():
+        if index == _STEP and added:
+            best_i = max((i for i, s in enumerate(samples) if s[0] == _STEP),
+                         key=lambda i: (samples[i][1], -i))
+            module, op = where.get(best_i, (module, op))
+            phase_best[index] = (samples[best_i][1], best_i, module, op)
+        else:
+            phase_best[index] = (samples[sample][1] if 0 <= sample < n else total, sample,
+                                 module, op)
     phase_peaks: dict[str, int] = {}
     best: tuple[int, int, str | None, str | None, str] | None = None
-    for index, (total, sample, module, op) in tracker.phase_max.items():
-        total += added if index < step else 0
+    for index in phase_best:   # in the order the phases came
+        total, sample, module, op = phase_best[index]
         phase_peaks[PHASES[index]] = int(total)
         if best is None or total > best[0]:
             best = (total, sample, module, op, PHASES[index])
     if best is None:
         best = (0, -1, None, None, "setup")
-    phase_peaks = {p: phase_peaks[p] for p in PHASES if p in phase_peaks}
     peak = samples[best[1]] if best[1] >= 0 else (0, 0, *[0] * len(KINDS))
     by_kind = dict(zip(KINDS, (int(v) for v in peak[2:])))
     act = {(k or "(outside modules)"): int(v) for k, v in tracker.act_peak_modules.items()}
     if added:
         notes = [*notes, f"optimizer state made during the step ({added:,} bytes) counted from "
                          "the start, as in any step after the first"]
+    step_start = next((i for i, s in enumerate(samples) if s[0] == _STEP), None)
     return Trace(peak_bytes=int(best[0]), by_kind=by_kind, peak_phase=best[4],
                  peak_module=best[2], peak_op=best[3], samples=samples, peak_sample=best[1],
                  phase_peaks=phase_peaks, act_peak=int(tracker.act_peak),
                  act_peak_phase=tracker.act_peak_phase, act_by_module=act,
-                 by_device=tracker.device_peaks(), loss=loss_desc, notes=notes)
+                 by_device=tracker.device_peaks(), loss=loss_desc, notes=notes,
+                 step_start=step_start, backward_end=getattr(tracker, "backward_end", None))
+
+
+def _shift(s: tuple[int, ...], i_opt: int, i_tmp: int, moved: int, added: int
+           ) -> tuple[int, ...]:
+    """Sample ``s`` with ``moved`` bytes filed under temporaries moved to optimizer state and
+    ``added`` bytes of optimizer state added (to the total too)."""
+    out = list(s)
+    out[1] += added
+    out[i_opt] += moved + added
+    out[i_tmp] -= moved
+    return tuple(out)
 
 
 __all__ = ["KINDS", "KIND_LABELS", "LOSSES", "PHASES", "OptimizerSpec", "StepSpec", "Trace",
            "apply_checkpointing", "collect_trace", "compute_loss", "fake_inputs", "fake_like", "fake_model",
            "optimizer_classes", "optimizer_spec", "repeated_blocks",
-           "trace_step",
+           "trace_optimizer_step", "trace_step",
            "tracker_class"]

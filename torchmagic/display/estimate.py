@@ -54,6 +54,35 @@ def title(e: Any) -> str:
     return "Memory estimate: " + ", ".join(parts)
 
 
+def time_line(e: Any) -> str:
+    """``8,545 ops, 2.71 s`` (the step reported), then the alternatives' and the batch search's
+    traces, each with its own time, and the whole when there are more."""
+    first = getattr(e, "trace_seconds", 0.0) or e.seconds
+    parts = [f"{e.ops:,} ops, {first:.2f} s"]
+    for n, secs, what in ((getattr(e, "whatif_traces", 0), getattr(e, "whatif_seconds", 0.0),
+                           "what-if"),
+                          (getattr(e, "batch_traces", 0), getattr(e, "batch_seconds", 0.0),
+                           "batch search")):
+        if n:
+            parts.append(f"{what}: {n} more trace{'s' if n != 1 else ''}, {secs:.2f} s")
+    if len(parts) > 1:
+        parts.append(f"{e.seconds:.2f} s in all")
+    return "; ".join(parts)
+
+
+MARKS = {"step from base": "†", "optimizer swapped": "‡", "arithmetic": "*"}
+
+
+def alternatives_legend(e: Any) -> str:
+    """What the marks of the what-if table mean (only those used)."""
+    used = {getattr(a, "how", "traced" if a.traced else "arithmetic") for a in e.alternatives}
+    from torchmagic.core.estimate_whatif import HOW
+
+    bits = ["traced on fake tensors"] if "traced" in used else []
+    bits += [f"{MARKS[h]} {HOW[h]}" for h in MARKS if h in used]
+    return "; ".join(bits)
+
+
 def peak_line(e: Any) -> str:
     where = f" in {e.peak_phase}" if e.peak_phase else ""
     at = []
@@ -141,7 +170,8 @@ def _alt_table(e: Any) -> Table:
     usable = _usable(e)
     rows = []
     for a in e.alternatives:
-        change = a.change + ("" if a.traced else " *")
+        mark = MARKS.get(getattr(a, "how", "traced" if a.traced else "arithmetic"), "")
+        change = a.change + (f" {mark}" if mark else "")
         css = None if a.fits is None else ("tm-good" if a.fits else "tm-bad")
         rows.append([change, a.option, _b(a.peak_bytes), Cell(_alt_verdict(a, usable), css=css)])
     return Table(["what if", "how", "peak", "verdict"], rows, align=["l", "l", "r", "l"])
@@ -154,7 +184,7 @@ def text(e: Any) -> str:
     out.extend(wrap_line(title(e), width))
     s = e.settings
     info = [f"{k} {v}" for k, v in s.items() if k in ("inputs", "loss", "traced on")]
-    info.append(f"{e.ops:,} ops, {e.seconds:.2f} s")
+    info.append(time_line(e))
     out.extend(wrap_line("  " + "; ".join(info), width))
     out.extend(wrap_line(peak_line(e), width))
     out.append(_kinds_table(e, max(10, min(30, width - 45))).text(width))
@@ -173,8 +203,7 @@ def text(e: Any) -> str:
             out.append(_block_table(e).text(width))
     out.extend(_verdict_lines(e, width))
     if e.alternatives:
-        out.extend(wrap_line("What would change it (each traced on fake tensors; * arithmetic):",
-                             width))
+        out.extend(wrap_line(f"What would change it ({alternatives_legend(e)}):", width))
         out.append(_alt_table(e).text(width))
     out.extend(_batch_lines(e, width))
     for n in e.notes:
@@ -197,7 +226,8 @@ def _verdict_lines(e: Any, width: int) -> list[str]:
         if no:
             out.extend(wrap_line(f"Does not fit on: {', '.join(no)}", width))
         out.extend(wrap_line("  (no CUDA device here: give --device NAME or --memory SIZE for one "
-                             "verdict; memory figures from vendor datasheets)", width))
+                             "verdict; memory of one PyTorch device, as "
+                             "torch.cuda.get_device_properties reports it)", width))
     return out
 
 
@@ -313,7 +343,7 @@ def timeline_svg(e: Any, width: int = 640, height: int = 170) -> str:
 def html(e: Any) -> str:
     s = e.settings
     info = "; ".join(f"{k} {v}" for k, v in s.items() if k in ("inputs", "loss", "traced on"))
-    parts = [f'<div class="tm-muted">{esc(info)}; {e.ops:,} ops, {e.seconds:.2f} s</div>',
+    parts = [f'<div class="tm-muted">{esc(info)}; {esc(time_line(e))}</div>',
              f'<div class="tm-kv" style="margin-top:6px;font-size:14px"><b>'
              f'{esc(peak_line(e))}</b></div>', _stacked_bar(e), _legend(),
              _kinds_table(e, 0).html(), timeline_svg(e)]
@@ -329,11 +359,12 @@ def html(e: Any) -> str:
     parts.append(_verdict_html(e))
     if e.alternatives:
         parts.append('<div class="tm-title" style="margin-top:8px">What would change it '
-                     '<span class="tm-muted">(traced on fake tensors; * arithmetic)</span></div>')
+                     f'<span class="tm-muted">({esc(alternatives_legend(e))})</span></div>')
         parts.append(_alt_table(e).html())
         for a in e.alternatives:
             if a.note:
-                parts.append(f'<div class="tm-note tm-muted">* {esc(a.change)}: '
+                mark = MARKS.get(getattr(a, "how", "arithmetic"), "*")
+                parts.append(f'<div class="tm-note tm-muted">{mark} {esc(a.change)}: '
                              f'{esc(a.note)}</div>')
     for line in _batch_lines(e, 10_000):
         parts.append(f'<div class="tm-note"><b>{esc(line)}</b></div>')
@@ -364,5 +395,6 @@ def _verdict_html(e: Any) -> str:
     return ('<details style="margin-top:8px"><summary>Fits on: '
             f'{esc(", ".join(fits_on_summary(e)[0]) or "none of the accelerators known")}'
             f'</summary>{table.html()}<div class="tm-note tm-muted">No CUDA device here: give '
-            '--device NAME or --memory SIZE for one verdict. Memory figures from vendor datasheets '
-            '(hover a name for its source).</div></details>')
+            '--device NAME or --memory SIZE for one verdict. Memory of one PyTorch device, as '
+            'torch.cuda.get_device_properties reports it (hover a name for its source).'
+            '</div></details>')

@@ -329,6 +329,7 @@ _FLAGS = [
     (re.compile(r"\bkwargs must be\b"), "--kwargs must be"),
     (re.compile(r"^columns needs\b"), "--columns needs"),
     (re.compile(r"^memory=True\b"), "--memory"),
+    (re.compile(r"\b(reserve|memory)=(?=[\w.])"), r"--\1 "),
 ]
 
 

@@ -3,9 +3,10 @@ training step or an inference (line), or of the user's own training-step cell (c
 tensors, with a verdict against the device.
 
 Both only parse, call :func:`torchmagic.core.estimate.estimate_memory` /
-:func:`torchmagic.core.estimate_cell.estimate_cell`, and display the result. Several traces
-(``--max-batch``, the alternatives) show a live panel (:mod:`torchmagic.display.live`), replaced
-in place by the result.
+:func:`torchmagic.core.estimate_cell.estimate_cell`, and display the result. An estimate that
+runs longer than half a second shows a live panel (:mod:`torchmagic.display.live`: a status line
+rewritten in place in a terminal, a progress widget in a notebook) naming the trace running (the
+step, each what-if, each batch of the search), its phase and ops so far; the result replaces it.
 """
 
 from __future__ import annotations
@@ -31,18 +32,39 @@ _LINE_ONLY = (("--train", "train"), ("--optimizer", "optimizer"), ("--dtype", "d
               ("--max-batch", "max_batch"), ("--loss", "loss"), *INPUT_FLAGS)
 
 
-def _progress_message(info: dict[str, Any]) -> str | None:
-    """A live-panel line for one stage reported by ``estimate_memory(progress=...)``."""
-    from torchmagic.display.format import human_bytes
+class _Progress:
+    """Turns ``estimate_memory(progress=...)`` reports into the live panel's status line: which
+    trace runs (the step itself, a what-if, a batch of the search), its phase and ops so far
+    (a trace reports every 512 ops), so a long estimate shows what it is doing."""
 
-    stage = info.get("stage")
-    if stage == "trace":
-        return None
-    if stage == "max-batch":
-        verdict = "fits" if info["fits"] else "does not fit"
-        return (f"batch {info['batch']:,}: {human_bytes(info['peak'])}, {verdict}; searching "
-                "the largest batch that fits")
-    return f"what if: {info.get('change')} ({info.get('index', 0) + 1} of {info.get('count', '?')})"
+    def __init__(self, panel: Any) -> None:
+        self.panel = panel
+        self.traces = 0
+        self.label = ""
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        from torchmagic.display.format import human_bytes
+
+        stage = info.get("stage")
+        if stage == "trace":
+            self.traces += 1
+            self.label = f"trace {self.traces}: the {info.get('what', 'step')}"
+            self.panel.update(None, self.label)
+        elif stage == "ops":
+            if info.get("of") == "max-batch" and "largest batch" not in self.label:
+                self.label = f"trace {self.traces + 1}: searching the largest batch that fits"
+            self.panel.update(None, f"{self.label}: {info['phase']}, {info['ops']:,} ops")
+        elif stage == "what-if":
+            self.traces += 1
+            self.label = (f"trace {self.traces}: what if {info.get('change')} "
+                          f"({info.get('index', 0) + 1} of {info.get('count', '?')})")
+            self.panel.update(None, self.label)
+        elif stage == "max-batch":
+            verdict = "fits" if info["fits"] else "does not fit"
+            self.traces += 1
+            self.label = (f"trace {self.traces + 1}: searching the largest batch that fits (batch "
+                          f"{info['batch']:,}: {human_bytes(info['peak'])}, {verdict})")
+            self.panel.update(None, self.label)
 
 
 @magics_class
@@ -73,7 +95,8 @@ class EstimateMagics(TorchMagics):
                    "every accelerator of the table)")
     @argument("--memory", metavar="SIZE", help="check against this much memory: 80GiB, 24GB ...")
     @argument("--reserve", metavar="SIZE",
-              help="memory left for the CUDA context and workspaces (default 1GiB)")
+              help="memory left for the CUDA context and workspaces (default 1GiB; with "
+                   "--memory, the smaller of 1GiB and an eighth of it)")
     @argument("--what-if", dest="what_if", action="store_true", default=None,
               help="always trace the alternatives (default: only when it does not fit)")
     @argument("--no-what-if", dest="what_if", action="store_false",
@@ -98,9 +121,10 @@ class EstimateMagics(TorchMagics):
         activations, temporaries, buffers, inputs), where it happens (phase, module, op), the
         modules holding the most activation memory, a timeline of live memory, and a verdict
         against the device (--device, --memory; the current CUDA device by default) with what
-        would change it, each alternative traced: bf16 weights, autocast, checkpointing, an
-        optimizer without state, a smaller batch (--max-batch: the largest that fits), and FSDP
-        sharding over N GPUs (arithmetic).
+        would change it, each alternative traced again as far as it changes the step: bf16
+        weights, autocast, checkpointing, an optimizer without state, a smaller batch
+        (--max-batch: the largest that fits), and FSDP sharding over N GPUs (arithmetic). The
+        header gives the step's ops and time, then the what-ifs' traces and time.
 
         ``%%estimate`` runs your own training-step cell (forward, loss, backward, opt.step(),
         gradient accumulation) on fake twins of every model, optimizer (state included) and
@@ -142,21 +166,13 @@ class EstimateMagics(TorchMagics):
 
             # several traces (--max-batch, the alternatives): a live panel, replaced by the result
             with live("%estimate", delay=0.5) as panel:
-                traces = [0]
-
-                def progress(info: dict[str, Any]) -> None:
-                    msg = _progress_message(info)
-                    if msg is not None:
-                        traces[0] += 1
-                        panel.update(None, f"trace {traces[0] + 1}: {msg}")
-
                 result = estimate_memory(
                     model, *values, **given, train=args.train,
                     optimizer=args.optimizer or "adamw", dtype=args.dtype, amp=args.amp,
                     checkpointing=args.checkpointing, loss=args.loss, batch=args.batch,
                     max_batch=args.max_batch, device=args.device, memory=args.memory,
                     reserve=args.reserve, what_if=args.what_if, top=args.top,
-                    name=args.model.strip(), progress=progress)
+                    name=args.model.strip(), progress=_Progress(panel))
                 self.store(args.output, result)
                 panel.finish(result)
         return None
@@ -173,7 +189,7 @@ class EstimateMagics(TorchMagics):
             raise UsageError(f"%%estimate: {', '.join(bad)} {verb} to the line form (%estimate "
                              "MODEL INPUTS ...); the cell runs your own code and takes --device, "
                              "--memory, --reserve, --what-if, --first-step, --top and -o")
-        with user_errors("%%estimate"):
+        with user_errors("%%estimate"), flag_names():
             self.check_output_name(args.output)
             if args.top < 0:
                 raise TorchMagicError(f"--top must be >= 0; got {args.top}")
