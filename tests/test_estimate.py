@@ -350,7 +350,7 @@ def test_default_reserve_scales_with_a_given_memory() -> None:
     assert t4.verdict.capacity.reserve == GiB and "CUDA context" in t4.verdict.capacity.reserve_source
     given = torchmagic.estimate_memory(model, x, memory="1GiB", reserve="300MiB", what_if=False)
     assert given.verdict.capacity.reserve == 300 * MiB
-    assert given.verdict.capacity.reserve_source == "given (reserve=)"
+    assert given.verdict.capacity.reserve_source == "as given"
 
 
 @pytest.mark.parametrize("kwargs, expected", [

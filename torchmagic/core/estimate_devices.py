@@ -193,7 +193,7 @@ def resolve_capacity(device: Any = None, memory: Any = None, reserve: Any = None
     if cap is None:
         return None
     if reserve is not None:
-        cap.reserve_source = "given (reserve=)"
+        cap.reserve_source = "as given"
         if res >= cap.total:
             given = _shown(reserve)
             what = (f"memory={_shown(memory)}" if memory is not None else
@@ -222,7 +222,7 @@ def _resolve(device: Any, memory: Any, res: int) -> Capacity | None:
             raise TorchMagicError(f"memory must be positive; got {memory!r}")
         label = memory if isinstance(memory, str) else f"{total:,} bytes"
         base = _resolve(device, None, res) if device is not None else None
-        return Capacity(name=f"{label.strip()} of memory", total=total, source="given (memory=)",
+        return Capacity(name=f"{label.strip()} of memory", total=total, source="as given",
                         reserve=res, gpu=base.gpu if base is not None else True)
     if device is None:
         if torch.cuda.is_available():
