@@ -445,7 +445,7 @@ def test_nested_float8_and_sparse_tensors(ip):
     _, shown = run(ip, "tensors -o t")
     rows = {r.name: r for r in ip.user_ns["t"].rows}
     assert rows["n"].flag is None and rows["f8n"].flag == "NaN" and rows["f8"].flag is None
-    assert rows["sp"].flag == "?"
+    assert rows["sp"].flag is None  # its stored values are read: all finite
     assert all(len(line) <= 100 for line in shown.splitlines())
     r = ip.run_cell("%tensor torch.randn(2).to(torch.float8_e4m3fn)")
     assert r.error_in_exec is None
@@ -559,3 +559,21 @@ def test_cuda_broadcast_and_layouts() -> None:
           "nt": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)], device="cuda")}
     flags = {r.name: r.flag for r in tensors(ns).rows}
     assert flags["big"] == "NaN" and flags["sp"] == "?" and flags["nt"] is None
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr", "csc", "bsr"])
+def test_sparse_tensors_are_flagged_from_their_stored_values(ip, layout: str) -> None:
+    """A NaN or Inf stored in a sparse tensor's values is flagged; the implicit zeros are finite.
+    The reference: the dense tensor's own isnan / isinf."""
+    dense = torch.zeros(4, 4)
+    dense[0, 1], dense[2, 3] = float("nan"), float("inf")
+    make = {"coo": lambda d: d.to_sparse(), "csr": lambda d: d.to_sparse_csr(),
+            "csc": lambda d: d.to_sparse_csc(), "bsr": lambda d: d.to_sparse_bsr((2, 2))}[layout]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: sparse CSR & co. are beta
+        bad, ok = make(dense), make(torch.eye(4))
+    want = ("NaN+Inf" if bool(dense.isnan().any()) and bool(dense.isinf().any()) else None)
+    ip.user_ns.update(bad=bad, ok=ok)
+    run(ip, "tensors -o t")
+    rows = {r.name: r for r in ip.user_ns["t"].rows}
+    assert rows["bad"].flag == want and rows["ok"].flag is None

@@ -224,8 +224,19 @@ def tensor_stats(t: torch.Tensor) -> TensorStats | None:
     return stats
 
 
+def _sparse_values(t: torch.Tensor) -> torch.Tensor | None:
+    """The stored values of a sparse tensor (COO, CSR, CSC, BSR, BSC) as a plain strided
+    tensor, or None when they cannot be read (meta, fake)."""
+    inner = access.inner_tensors(t)
+    if not inner:
+        return None
+    x, _repeat, _why = readable(inner[-1])
+    return x
+
+
 def nonfinite_flags(items: list[torch.Tensor], budget: int | None = None) -> list[str | None]:
-    """NaN/Inf flag per tensor: ``"NaN"``, ``"Inf"``, ``"NaN+Inf"``, ``None`` (finite),
+    """NaN/Inf flag per tensor: ``"NaN"``, ``"Inf"``, ``"NaN+Inf"``, ``None`` (finite; a sparse
+    tensor is checked through its stored values),
     ``"?"`` (values unknown) or ``"not checked"`` (beyond ``budget`` bytes of memory read in all,
     default :data:`FLAG_BUDGET_BYTES`). Two reductions per tensor, one host copy per device."""
     budget = FLAG_BUDGET_BYTES if budget is None else budget
@@ -233,6 +244,8 @@ def nonfinite_flags(items: list[torch.Tensor], budget: int | None = None) -> lis
     per_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for i, t in enumerate(items):
         x, _repeat, why = readable(t)
+        if x is None and access.kind(t) == "sparse":
+            x = _sparse_values(t)  # the stored values: the implicit zeros are finite
         if x is None:
             flags[i] = "?"
             continue
