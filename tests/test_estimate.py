@@ -392,7 +392,8 @@ def test_sharding_note_says_what_does_not_shard() -> None:
     assert "the whole model (no repeated blocks to wrap) all-gathered with its gradients " \
            "(64.0 MiB)" in note and "activations of one GPU's batch alone" not in note
     # nothing usable (a reserve as large as the memory, refused above) or no capacity: no note
-    from torchmagic.core.estimate_trace import StepSpec, optimizer_spec, trace_step
+    from torchmagic.core.estimate_setup import optimizer_spec
+    from torchmagic.core.estimate_trace import StepSpec, trace_step
     from torchmagic.core.estimate_whatif import sharding_note
 
     trace = trace_step(model, (x,), {}, StepSpec(train=True, optimizer=optimizer_spec("sgd")))
@@ -466,7 +467,8 @@ def test_derived_alternatives_equal_whole_traces(optimizer: str) -> None:
 def test_step_traced_alone_analytic() -> None:
     """AdamW's step alone on the wide MLP's parameters: state exp_avg + exp_avg_sq + a float32
     step count per parameter, and the sqrt of exp_avg_sq (P bytes) above the level before it."""
-    from torchmagic.core.estimate_trace import StepSpec, optimizer_spec, trace_optimizer_step
+    from torchmagic.core.estimate_setup import optimizer_spec
+    from torchmagic.core.estimate_trace import StepSpec, trace_optimizer_step
     from torchmagic.core.estimate_whatif import optimizer_cost
 
     model = wide_mlp()

@@ -37,14 +37,12 @@ from torchmagic.core.estimate_devices import (
     resolve_capacity,
     verdict,
 )
+from torchmagic.core.estimate_setup import LOSSES, optimizer_spec, repeated_blocks
 from torchmagic.core.estimate_trace import (
     KINDS,
-    LOSSES,
     PHASES,
     StepSpec,
     Trace,
-    optimizer_spec,
-    repeated_blocks,
     trace_optimizer_step,
     trace_step,
 )

@@ -229,7 +229,7 @@ def estimate_cell(source: str, namespace: dict[str, Any], *, device: Any = None,
                             settings=settings)
     blocks = None
     if roots:
-        from torchmagic.core.estimate_trace import repeated_blocks
+        from torchmagic.core.estimate_setup import repeated_blocks
 
         root_name, biggest = max(roots.items(),
                                  key=lambda nm: sum(p.numel() for p in nm[1].parameters()))

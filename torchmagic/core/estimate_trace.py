@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +42,8 @@ import torch
 import torch.nn as nn
 
 from torchmagic.core.errors import ForwardError, TorchMagicError
+from torchmagic.core.estimate_setup import OptimizerSpec, apply_checkpointing, compute_loss
+from torchmagic.core.twin import fake_inputs, fake_like, fake_model
 
 # MemTracker's reference types -> the kinds torchmagic reports (in this order)
 KINDS = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "temporaries",
@@ -316,247 +317,6 @@ def tracker_class() -> type:
             return {str(dev): int(v) for dev, v in self._peak_mem.items()}
 
     return StepTracker
-
-
-# ---------------------------------------------------------------------------------------------
-# fake twins
-# ---------------------------------------------------------------------------------------------
-def fake_like(t: torch.Tensor, mode: Any, device: torch.device,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A fake tensor of ``mode`` with ``t``'s shape and strides on ``device`` (``dtype`` for
-    floating tensors when given); Parameters stay Parameters. Works from real, meta and fake
-    tensors; ``t`` is not touched."""
-    dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
-    with mode:
-        out = torch.empty_strided(tuple(t.size()), tuple(t.stride()), dtype=dt, device=device)
-    if isinstance(t, nn.Parameter):
-        return nn.Parameter(out, requires_grad=t.requires_grad)
-    if t.requires_grad and out.is_floating_point():
-        out.requires_grad_(True)
-    return out
-
-
-def fake_model(model: nn.Module, mode: Any, device: torch.device,
-               dtype: torch.dtype | None = None) -> nn.Module:
-    """A twin of ``model`` whose parameters, buffers and plain tensor attributes are fake tensors
-    (``fake_like``; tying kept), isolated like every twin (:mod:`torchmagic.core.isolation`): the
-    user's hooks and forwards run with copies of what they write (a hook appending to a list of
-    the notebook appends to a copy). Raises :class:`TorchMagicError` for modules that cannot be
-    copied (uninitialized lazy modules, quantized tensors, a generator or an open file)."""
-    from torch.nn.parameter import UninitializedParameter
-
-    from torchmagic.core.isolation import Isolation
-    from torchmagic.core.twin import twin
-
-    tensors = [*model.parameters(), *model.buffers()]
-    for sub in model.modules():
-        tensors.extend(v for v in vars(sub).values() if isinstance(v, torch.Tensor))
-    for t in tensors:
-        if isinstance(t, UninitializedParameter):
-            raise TorchMagicError("the model has uninitialized lazy modules (nn.LazyLinear ...): "
-                                  "their shapes are known only after one forward; run one "
-                                  "forward on real inputs first")
-        if t.is_quantized:
-            raise TorchMagicError("the model holds quantized tensors (torch.quantize_per_tensor "
-                                  "/ quantize_dynamic), which fake tensors do not support")
-    iso = Isolation(lambda t: fake_like(t, mode, device, dtype), "fake")
-    try:
-        return twin(model, isolation=iso)
-    except TorchMagicError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a __deepcopy__ of the user's that raises ...
-        raise TorchMagicError(f"cannot copy the model to fake tensors ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:160]})") from None
-
-
-def fake_inputs(obj: Any, mode: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Fake copies of every tensor in a nested structure (floating ones cast to ``dtype``); a
-    tensor given twice (``input_ids`` and ``labels``) stays one tensor."""
-    from torch.utils._pytree import tree_map
-
-    memo: dict[int, torch.Tensor] = {}
-
-    def convert(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        if id(t) not in memo:
-            memo[id(t)] = fake_like(t, mode, device, dtype)
-        return memo[id(t)]
-
-    return tree_map(convert, obj)
-
-
-# ---------------------------------------------------------------------------------------------
-# optimizers
-# ---------------------------------------------------------------------------------------------
-_OPTIMIZER_ALIASES = {"sgd-momentum": ("SGD", {"momentum": 0.9}),
-                      "sgdm": ("SGD", {"momentum": 0.9}),
-                      "sgd-nesterov": ("SGD", {"momentum": 0.9, "nesterov": True})}
-
-
-def optimizer_classes() -> dict[str, type]:
-    """Every ``torch.optim`` optimizer class by lower-case name."""
-    out = {}
-    for name in dir(torch.optim):
-        obj = getattr(torch.optim, name)
-        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and \
-                obj is not torch.optim.Optimizer:
-            out[name.lower()] = obj
-    return out
-
-
-@dataclass
-class OptimizerSpec:
-    """How to make the optimizer: a class and keyword arguments, or a factory ``f(params)``."""
-
-    label: str                      # "AdamW", "SGD(momentum=0.9)"
-    cls: type | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    factory: Callable[[list[torch.Tensor]], Any] | None = None
-
-    def make(self, params: list[torch.Tensor], foreach: bool | None) -> torch.optim.Optimizer:
-        if self.factory is not None:
-            opt = self.factory(params)
-            if not isinstance(opt, torch.optim.Optimizer):
-                raise TorchMagicError(f"the optimizer factory returned {type(opt).__name__}, not "
-                                      "a torch.optim.Optimizer")
-            return opt
-        assert self.cls is not None
-        kwargs = dict(self.kwargs)
-        if foreach is not None and "foreach" not in kwargs and \
-                "foreach" in inspect.signature(self.cls.__init__).parameters:
-            kwargs["foreach"] = foreach
-        try:
-            return self.cls(params, **kwargs)
-        except (TypeError, ValueError) as exc:
-            raise TorchMagicError(f"cannot create {self.label}: {exc}") from None
-
-
-def optimizer_spec(optimizer: Any, kwargs: Mapping[str, Any] | None = None) -> OptimizerSpec:
-    """``"adamw"``, ``"sgd-momentum"``, any ``torch.optim`` class name (any case), an optimizer
-    class, or a callable ``f(params) -> Optimizer`` -> :class:`OptimizerSpec`."""
-    kwargs = dict(kwargs or {})
-    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        cls, extra = optimizer, {}
-    elif isinstance(optimizer, str):
-        key = optimizer.strip().lower().replace("_", "-")
-        if key in _OPTIMIZER_ALIASES:
-            name, extra = _OPTIMIZER_ALIASES[key]
-            cls = getattr(torch.optim, name)
-        else:
-            classes = optimizer_classes()
-            cls = classes.get(key.replace("-", ""))
-            extra = {}
-            if cls is None:
-                names = sorted({c.__name__.lower() for c in classes.values()
-                                if c.__name__ != "LBFGS"} | set(_OPTIMIZER_ALIASES))
-                raise TorchMagicError(f"unknown optimizer {optimizer!r}: torch.optim has no such "
-                                      f"class (valid: {', '.join(names)})")
-    elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
-        label = getattr(optimizer, "__name__", type(optimizer).__name__)
-        return OptimizerSpec(label=f"{label}(params)", factory=optimizer)
-    else:
-        raise TorchMagicError(f"optimizer must be a torch.optim class name (adamw, sgd, ...), a "
-                              f"class, or a function of the parameters; got "
-                              f"{type(optimizer).__name__}")
-    if cls.__name__ == "LBFGS":
-        raise TorchMagicError("LBFGS steps with a closure that re-runs the model; estimate it with "
-                              "%%estimate on your own training cell")
-    merged = {**extra, **kwargs}
-    label = cls.__name__ + (f"({', '.join(f'{k}={v}' for k, v in merged.items())})"
-                            if merged else "")
-    return OptimizerSpec(label=label, cls=cls, kwargs=merged)
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpointing, loss
-# ---------------------------------------------------------------------------------------------
-def repeated_blocks(model: nn.Module) -> tuple[str, list[nn.Module]] | None:
-    """The largest group of repeated blocks: the ``ModuleList``/``Sequential`` (at any depth)
-    whose children are two or more modules of one class, with the most parameters."""
-    best: tuple[int, str, list[nn.Module]] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
-            continue
-        children = list(mod.children())
-        if len(children) < 2 or len({type(c) for c in children}) != 1:
-            continue
-        if not any(True for _ in children[0].parameters()):
-            continue
-        size = sum(p.numel() for c in children for p in c.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, children)
-    return None if best is None else (best[1], best[2])
-
-
-def apply_checkpointing(model: nn.Module) -> str:
-    """Wrap each repeated block of the (twin) ``model`` in ``torch.utils.checkpoint`` (non
-    reentrant): its activations are recomputed in backward instead of kept. Returns a
-    description; raises :class:`TorchMagicError` when the model has no repeated blocks."""
-    from torch.utils.checkpoint import checkpoint
-
-    found = repeated_blocks(model)
-    if found is None:
-        raise TorchMagicError("--checkpointing wraps each repeated block (a ModuleList or "
-                              "Sequential of layers of one class) and this model has none")
-    name, blocks = found
-    for block in blocks:
-        forward = block.forward
-
-        def wrapped(*args: Any, __forward: Any = forward, **kwargs: Any) -> Any:
-            return checkpoint(__forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = wrapped  # the twin's own attribute; the user's model is not touched
-    return (f"activation checkpointing: each of the {len(blocks)} {type(blocks[0]).__name__} "
-            f"blocks in {name or '(root)'} (torch.utils.checkpoint, non-reentrant)")
-
-
-LOSSES = ("auto", "mean", "cross_entropy")
-
-
-def first_float_output(out: Any) -> torch.Tensor | None:
-    from torchmagic.core.tracing import _tensor_leaves
-
-    for t in _tensor_leaves(out):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad:
-            return t
-    return None
-
-
-def compute_loss(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 loss: Any) -> tuple[torch.Tensor, str]:
-    """The scalar to back-propagate from ``out`` and how it was made (see ``estimate_memory``)."""
-    import torch.nn.functional as F
-
-    if callable(loss):
-        value = loss(out)
-        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
-            raise TorchMagicError("the loss function must return a one-element tensor that "
-                                  "requires grad")
-        return value, f"{getattr(loss, '__name__', 'loss')}(output)"
-    if loss == "auto":
-        own = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-        if isinstance(own, torch.Tensor) and own.numel() == 1 and own.requires_grad:
-            return own, "the model's own loss (output.loss)"
-    logits = first_float_output(out)
-    if logits is None:
-        raise TorchMagicError("the model's output holds no floating tensor that requires grad: "
-                              "nothing to back-propagate (are all parameters frozen?)")
-    if loss in ("auto", "cross_entropy"):
-        ids = None
-        for t in [kwargs.get("input_ids"), *args, *kwargs.values()]:
-            if isinstance(t, torch.Tensor) and not t.is_floating_point() and \
-                    not t.is_complex() and t.dtype != torch.bool:
-                ids = t
-                break
-        if ids is not None and logits.dim() == ids.dim() + 1 and \
-                tuple(logits.shape[:-1]) == tuple(ids.shape):
-            value = F.cross_entropy(logits.flatten(0, -2).float(), ids.flatten())
-            return value, "cross-entropy of the logits (in float32) against the input ids"
-        if loss == "cross_entropy":
-            raise TorchMagicError("loss cross_entropy needs integer inputs (token ids) of shape "
-                                  "(batch, ...) and logits of shape (batch, ..., classes)")
-    return logits.float().mean(), "mean of the output (in float32)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,8 +607,5 @@ def _shift(s: tuple[int, ...], i_opt: int, i_tmp: int, moved: int, added: int
     return tuple(out)
 
 
-__all__ = ["KINDS", "KIND_LABELS", "LOSSES", "PHASES", "OptimizerSpec", "StepSpec", "Trace",
-           "apply_checkpointing", "collect_trace", "compute_loss", "fake_inputs", "fake_like", "fake_model",
-           "optimizer_classes", "optimizer_spec", "repeated_blocks",
-           "trace_optimizer_step", "trace_step",
-           "tracker_class"]
+__all__ = ["KINDS", "KIND_LABELS", "PHASES", "StepSpec", "Trace", "collect_trace",
+           "trace_optimizer_step", "trace_step", "tracker_class"]

@@ -33,14 +33,8 @@ import torch
 import torch.nn as nn
 
 from torchmagic.core.errors import TorchMagicError
-from torchmagic.core.estimate_trace import (
-    KINDS,
-    PHASES,
-    StepSpec,
-    Trace,
-    optimizer_spec,
-    repeated_blocks,
-)
+from torchmagic.core.estimate_setup import optimizer_spec, repeated_blocks
+from torchmagic.core.estimate_trace import KINDS, PHASES, StepSpec, Trace
 
 Progress = Callable[[dict[str, Any]], None]
 

@@ -36,7 +36,6 @@ from torchmagic.core.summary_rows import (
     SummaryRow,
     UncountedOp,
     fill_rows,
-    kernel_of,
     param_rows,
     shared_notes,
 )
@@ -159,9 +158,6 @@ def parse_columns(columns: Sequence[str] | str | None) -> list[str] | None:
     if not out:
         raise TorchMagicError(f"columns needs at least one of: {', '.join(COLUMNS)}")
     return out
-
-
-_kernel = kernel_of  # (kept for callers of the old name)
 
 
 def summary(

@@ -160,32 +160,20 @@ def fake_retry(user_model: nn.Module, mode: str, args: tuple[Any, ...],
     CPU: no memory, no weights read), where a value read gives a symbolic value (``u0``)
     instead of failing. For a meta run that failed in :func:`reads_values` (a Hugging Face
     model given ``attention_mask``). Returns None when the model cannot have fake tensors
-    (lazy or quantized modules) or the fake run fails as well (the meta failure is reported)."""
+    (lazy or quantized modules: :func:`can_fake`) or the fake run fails as well (the meta failure
+    is reported)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    from torch.utils._pytree import tree_map
 
-    from torchmagic.core.estimate_trace import fake_like
-    from torchmagic.core.isolation import Isolation
     from torchmagic.core.state import quiet_fake_tensor_log
-    from torchmagic.core.twin import twin
+    from torchmagic.core.twin import fake_inputs, fake_model
 
-    if not can_fake(user_model):
-        return None
     cpu = torch.device("cpu")
     fm = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
     with quiet_fake_tensor_log():
         try:
-            run_model = twin(user_model, isolation=Isolation(lambda t: fake_like(t, fm, cpu),
-                                                            "fake"))
-            memo: dict[int, Any] = {}
-
-            def convert(t: Any) -> Any:
-                if isinstance(t, torch.Tensor) and id(t) not in memo:
-                    memo[id(t)] = fake_like(t, fm, cpu)
-                return memo.get(id(t), t) if isinstance(t, torch.Tensor) else t
-
-            f_args, f_kwargs = tree_map(convert, (args, kwargs))
+            run_model = fake_model(user_model, fm, cpu)
+            f_args, f_kwargs = fake_inputs((args, kwargs), fm, cpu, None)
         except Exception:  # noqa: BLE001 - what fake tensors cannot copy: the meta error stands
             return None
         plan = Plan(run_model, cpu, meta=True, notes=[

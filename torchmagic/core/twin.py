@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torchmagic.core.errors import TorchMagicError
 from torchmagic.core.isolation import Isolation, IsolationError
 
 
@@ -273,13 +274,76 @@ def fake_tensor(t: torch.Tensor, mode: Any) -> torch.Tensor:
     return fake
 
 
+def fake_like(t: torch.Tensor, mode: Any, device: torch.device,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fake tensor of ``mode`` with ``t``'s shape and strides on ``device`` (``dtype`` for
+    floating tensors when given); Parameters stay Parameters. Works from real, meta and fake
+    tensors; ``t`` is not touched."""
+    dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    with mode:
+        out = torch.empty_strided(tuple(t.size()), tuple(t.stride()), dtype=dt, device=device)
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(out, requires_grad=t.requires_grad)
+    if t.requires_grad and out.is_floating_point():
+        out.requires_grad_(True)
+    return out
+
+
+def fake_model(model: nn.Module, mode: Any, device: torch.device,
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """A twin of ``model`` whose parameters, buffers and plain tensor attributes are fake tensors
+    (``fake_like``; tying kept), isolated like every twin (:mod:`torchmagic.core.isolation`): the
+    user's hooks and forwards run with copies of what they write (a hook appending to a list of
+    the notebook appends to a copy). Raises :class:`TorchMagicError` for modules that cannot be
+    copied (uninitialized lazy modules, quantized tensors, a generator or an open file)."""
+    from torch.nn.parameter import UninitializedParameter
+
+    tensors = [*model.parameters(), *model.buffers()]
+    for sub in model.modules():
+        tensors.extend(v for v in vars(sub).values() if isinstance(v, torch.Tensor))
+    for t in tensors:
+        if isinstance(t, UninitializedParameter):
+            raise TorchMagicError("the model has uninitialized lazy modules (nn.LazyLinear ...): "
+                                  "their shapes are known only after one forward; run one "
+                                  "forward on real inputs first")
+        if t.is_quantized:
+            raise TorchMagicError("the model holds quantized tensors (torch.quantize_per_tensor "
+                                  "/ quantize_dynamic), which fake tensors do not support")
+    iso = Isolation(lambda t: fake_like(t, mode, device, dtype), "fake")
+    try:
+        return twin(model, isolation=iso)
+    except TorchMagicError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a __deepcopy__ of the user's that raises ...
+        raise TorchMagicError(f"cannot copy the model to fake tensors ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:160]})") from None
+
+
+def fake_inputs(obj: Any, mode: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Fake copies of every tensor in a nested structure (floating ones cast to ``dtype``); a
+    tensor given twice (``input_ids`` and ``labels``) stays one tensor."""
+    from torch.utils._pytree import tree_map
+
+    memo: dict[int, torch.Tensor] = {}
+
+    def convert(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) not in memo:
+            memo[id(t)] = fake_like(t, mode, device, dtype)
+        return memo[id(t)]
+
+    return tree_map(convert, obj)
+
+
 def fake_twin(model: nn.Module, mode: Any) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are fake tensors of ``mode`` (tying kept):
     run it inside ``with mode:`` without ``allow_non_fake_inputs``."""
     return twin(model, isolation=Isolation(lambda t: fake_tensor(t, mode), "fake"))
 
 
-__all__ = ["Isolation", "IsolationError", "device_twin", "fake_tensor", "fake_twin",
+__all__ = ["Isolation", "IsolationError", "device_twin", "fake_inputs", "fake_like", "fake_model",
+           "fake_tensor", "fake_twin",
            "is_meta_model", "meta_tensor", "meta_twin", "model_devices", "shared_tensor",
            "shared_twin", "tensor_memo", "twin", "twin_grad_scaler", "twin_lr_scheduler",
            "twin_optimizer", "uninitialized_like"]
