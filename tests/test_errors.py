@@ -141,3 +141,14 @@ def test_usage_errors_say_what_was_meant(ip, line: str, want: str) -> None:
     options = {o for a in magic.parser._actions for o in a.option_strings}
     for suggested in [w.rstrip("?),") for w in msg.split() if w.startswith("--") and "?" in w]:
         assert suggested in options, suggested
+
+
+def test_the_dash_value_spelling_the_message_suggests_reaches_the_option(ip) -> None:
+    """The hint for a value starting with '-' is advice: its spelling must get the value to the
+    option, whose own check then answers (here: not a size)."""
+    ip.user_ns["net"] = SmallCNN()
+    hint = str(_shown_error(ip, "%estimate net (1,3,32,32) --memory -4GiB"))
+    assert "write --memory=-4GiB" in hint
+    msg = str(_shown_error(ip, "%estimate net (1,3,32,32) --memory=-4GiB"))
+    assert "needs a value" not in msg and "'-4GiB'" in msg
+    assert msg.startswith("%estimate: --memory must be a size"), msg

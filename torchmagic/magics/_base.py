@@ -330,6 +330,7 @@ _FLAGS = [
     (re.compile(r"^columns needs\b"), "--columns needs"),
     (re.compile(r"^memory=True\b"), "--memory"),
     (re.compile(r"\b(reserve|memory)=(?=[\w.])"), r"--\1 "),
+    (re.compile(r"^(memory|reserve|depth) must be\b"), r"--\1 must be"),
 ]
 
 
