@@ -55,14 +55,14 @@ def _live_storages() -> int:
     for o in gc.get_objects():
         if issubclass(type(o), torch.Tensor):  # type(): no __class__ lookups (deprecated objects)
             for t in (o, o.grad if o.is_leaf and o.requires_grad else None):
-                if t is None or t.is_meta:
-                    continue
+                if t is None or type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta:
+                    continue  # meta, fake and other subclasses: no plain storage of their own
                 try:
                     st = t.untyped_storage()
-                except Exception:  # noqa: BLE001 - fake, sparse, nested: not plain storages
+                    if st.nbytes():
+                        seen.add((str(t.device), st.data_ptr()))
+                except Exception:  # noqa: BLE001 - fake, sparse, nested: no plain storage
                     continue
-                if st.nbytes():
-                    seen.add((str(t.device), st.data_ptr()))
     return len(seen)
 
 
